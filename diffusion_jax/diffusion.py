@@ -1,0 +1,488 @@
+"""The forward process q(x_t | x_0), its posterior q(x_{t-1} | x_t, x_0), and the learned
+reverse Gaussian p(x_{t-1} | x_t).
+
+Pure, ``jit``-able functions of a :class:`~diffusion_jax.schedules.Schedule`. They take noise,
+never keys. Data may have any shape ``[B, ...]`` (NHWC images and ``[B, D]`` points alike); ``t``
+holds one int32 timestep in ``{0, ..., T-1}`` per example, shape ``[B]``.
+
+Example:
+  >>> schedule = get_schedule("linear")
+  >>> x_t = q_sample(schedule, x0, t, noise)
+  >>> mean, var, log_var, pred_x0 = p_mean_variance(schedule, model_fn(params, x_t, t), x_t, t)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from diffusion_jax.schedules import Schedule
+
+__all__ = [
+    "PARAMETERIZATIONS",
+    "VARIANCES",
+    "clip_pred_x0",
+    "ddim_step",
+    "dynamic_threshold",
+    "extract",
+    "p_mean_variance",
+    "p_sample",
+    "predict_eps_from_x0",
+    "predict_x0_from_eps",
+    "predict_x0_from_v",
+    "q_mean_variance",
+    "q_posterior_mean_variance",
+    "q_sample",
+    "split_model_output",
+    "v_target",
+]
+
+PARAMETERIZATIONS = ("eps", "x0", "v")
+VARIANCES = ("fixed_small", "fixed_large", "learned_range")
+
+# clip_x0 accepts: False (off), True ([-1, 1]), a (low, high) range, or a callable x0 -> x0.
+ClipX0 = bool | tuple[float, float] | Callable[[jax.Array], jax.Array]
+
+
+def _check_t(x: jax.Array, t: jax.Array, what: str = "x") -> None:
+    """Checks that ``t`` is an integer vector with one timestep per example of ``x``."""
+    if jnp.ndim(x) < 1:
+        raise ValueError(f"{what} must have a batch axis, shape [B, ...]; got a scalar.")
+    batch = jnp.shape(x)[0]
+    chex.assert_shape(
+        t,
+        (batch,),
+        custom_message=f"t must have shape [B] = ({batch},), one timestep per example of {what}",
+        exception_type=ValueError,
+    )
+    if not jnp.issubdtype(jnp.result_type(t), jnp.integer):
+        raise ValueError(
+            f"t must hold integer timesteps in [0, T-1], got dtype {jnp.result_type(t)}."
+        )
+
+
+def _check_same_shape(a: jax.Array, b: jax.Array, names: str) -> None:
+    if jnp.shape(a) != jnp.shape(b):
+        raise ValueError(
+            f"{names} must have the same shape, got {jnp.shape(a)} and {jnp.shape(b)}."
+        )
+
+
+def extract(table: jax.Array, t: jax.Array, ndim: int) -> jax.Array:
+    """Gathers ``table[t]`` and reshapes it to broadcast against data of rank ``ndim``.
+
+    Args:
+      table: ``[T]`` per-timestep values.
+      t: ``[B]`` integer timesteps.
+      ndim: rank of the data, e.g. 4 for ``[B, H, W, C]``.
+
+    Returns:
+      float32 ``[B, 1, ..., 1]`` with ``ndim`` axes.
+    """
+    values = jnp.take(jnp.asarray(table), t, axis=0)
+    return values.reshape(values.shape + (1,) * (ndim - 1))
+
+
+def q_sample(schedule: Schedule, x0: jax.Array, t: jax.Array, noise: jax.Array) -> jax.Array:
+    """Samples x_t ~ q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I) by reparameterisation.
+
+    Args:
+      schedule: the diffusion's tables.
+      x0: ``[B, ...]`` clean data.
+      t: ``[B]`` int timesteps.
+      noise: standard normal noise of ``x0``'s shape.
+
+    Returns:
+      x_t, shape of ``x0``.
+    """
+    _check_t(x0, t, "x0")
+    _check_same_shape(x0, noise, "x0 and noise")
+    nd = jnp.ndim(x0)
+    return (
+        extract(schedule.sqrt_alphas_cumprod, t, nd) * x0
+        + extract(schedule.sqrt_one_minus_alphas_cumprod, t, nd) * noise
+    )
+
+
+def q_mean_variance(
+    schedule: Schedule, x0: jax.Array, t: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Mean, variance and log-variance of q(x_t | x_0).
+
+    Args:
+      schedule: the diffusion's tables.
+      x0: ``[B, ...]`` clean data.
+      t: ``[B]`` int timesteps.
+
+    Returns:
+      ``(mean, variance, log_variance)``: mean has ``x0``'s shape, the others ``[B, 1, ..., 1]``.
+    """
+    _check_t(x0, t, "x0")
+    nd = jnp.ndim(x0)
+    mean = extract(schedule.sqrt_alphas_cumprod, t, nd) * x0
+    variance = 1.0 - extract(schedule.alphas_cumprod, t, nd)
+    log_variance = extract(schedule.log_one_minus_alphas_cumprod, t, nd)
+    return mean, variance, log_variance
+
+
+def q_posterior_mean_variance(
+    schedule: Schedule, x0: jax.Array, x_t: jax.Array, t: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The forward-process posterior q(x_{t-1} | x_t, x_0) (Ho et al. 2020, eqs. 6-7).
+
+    Args:
+      schedule: the diffusion's tables.
+      x0: ``[B, ...]`` clean data (or a prediction of it).
+      x_t: ``[B, ...]`` noisy data at step ``t``.
+      t: ``[B]`` int timesteps.
+
+    Returns:
+      ``(mean, variance, log_variance_clipped)``; mean has ``x_t``'s shape, the others
+      ``[B, 1, ..., 1]``. The log-variance at t = 0 takes the value at t = 1 (the variance there
+      is 0).
+    """
+    _check_t(x_t, t, "x_t")
+    _check_same_shape(x0, x_t, "x0 and x_t")
+    nd = jnp.ndim(x_t)
+    mean = (
+        extract(schedule.posterior_mean_coef1, t, nd) * x0
+        + extract(schedule.posterior_mean_coef2, t, nd) * x_t
+    )
+    variance = extract(schedule.posterior_variance, t, nd)
+    log_variance = extract(schedule.posterior_log_variance_clipped, t, nd)
+    return mean, variance, log_variance
+
+
+def predict_x0_from_eps(
+    schedule: Schedule, x_t: jax.Array, t: jax.Array, eps: jax.Array
+) -> jax.Array:
+    """x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t).
+
+    Args:
+      schedule: the diffusion's tables.
+      x_t: ``[B, ...]`` noisy data.
+      t: ``[B]`` int timesteps.
+      eps: predicted noise, shape of ``x_t``.
+
+    Returns:
+      The implied x_0, shape of ``x_t``.
+    """
+    _check_t(x_t, t, "x_t")
+    _check_same_shape(x_t, eps, "x_t and eps")
+    nd = jnp.ndim(x_t)
+    return (
+        extract(schedule.sqrt_recip_alphas_cumprod, t, nd) * x_t
+        - extract(schedule.sqrt_recipm1_alphas_cumprod, t, nd) * eps
+    )
+
+
+def predict_eps_from_x0(
+    schedule: Schedule, x_t: jax.Array, t: jax.Array, x0: jax.Array
+) -> jax.Array:
+    """eps = (x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t).
+
+    Args:
+      schedule: the diffusion's tables.
+      x_t: ``[B, ...]`` noisy data.
+      t: ``[B]`` int timesteps.
+      x0: predicted clean data, shape of ``x_t``.
+
+    Returns:
+      The implied noise, shape of ``x_t``.
+    """
+    _check_t(x_t, t, "x_t")
+    _check_same_shape(x_t, x0, "x_t and x0")
+    nd = jnp.ndim(x_t)
+    return (extract(schedule.sqrt_recip_alphas_cumprod, t, nd) * x_t - x0) / extract(
+        schedule.sqrt_recipm1_alphas_cumprod, t, nd
+    )
+
+
+def predict_x0_from_v(schedule: Schedule, x_t: jax.Array, t: jax.Array, v: jax.Array) -> jax.Array:
+    """x_0 = sqrt(abar_t) x_t - sqrt(1 - abar_t) v (Salimans & Ho 2022).
+
+    Args:
+      schedule: the diffusion's tables.
+      x_t: ``[B, ...]`` noisy data.
+      t: ``[B]`` int timesteps.
+      v: predicted velocity, shape of ``x_t``.
+
+    Returns:
+      The implied x_0, shape of ``x_t``.
+    """
+    _check_t(x_t, t, "x_t")
+    _check_same_shape(x_t, v, "x_t and v")
+    nd = jnp.ndim(x_t)
+    return (
+        extract(schedule.sqrt_alphas_cumprod, t, nd) * x_t
+        - extract(schedule.sqrt_one_minus_alphas_cumprod, t, nd) * v
+    )
+
+
+def v_target(schedule: Schedule, x0: jax.Array, t: jax.Array, noise: jax.Array) -> jax.Array:
+    """The v-prediction target v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0.
+
+    Args:
+      schedule: the diffusion's tables.
+      x0: ``[B, ...]`` clean data.
+      t: ``[B]`` int timesteps.
+      noise: the eps used to make x_t, shape of ``x0``.
+
+    Returns:
+      v, shape of ``x0``.
+    """
+    _check_t(x0, t, "x0")
+    _check_same_shape(x0, noise, "x0 and noise")
+    nd = jnp.ndim(x0)
+    return (
+        extract(schedule.sqrt_alphas_cumprod, t, nd) * noise
+        - extract(schedule.sqrt_one_minus_alphas_cumprod, t, nd) * x0
+    )
+
+
+def dynamic_threshold(percentile: float = 0.995, max_value: float = 1.0) -> Callable:
+    """Imagen's dynamic thresholding (Saharia et al. 2022), for ``clip_x0=``.
+
+    Each example's x_0 is clipped to [-s, s] and divided by s, where s is the ``percentile``
+    quantile of |x_0| over the example, but at least ``max_value``.
+
+    Args:
+      percentile: quantile in (0, 1].
+      max_value: the smallest threshold; 1 leaves in-range predictions untouched.
+
+    Returns:
+      A function ``[B, ...] -> [B, ...]``.
+    """
+    if not 0.0 < percentile <= 1.0:
+        raise ValueError(f"percentile must be in (0, 1], got {percentile=}.")
+
+    def threshold(x0: jax.Array) -> jax.Array:
+        flat = jnp.abs(x0.reshape(x0.shape[0], -1))
+        s = jnp.maximum(jnp.quantile(flat, percentile, axis=1), max_value)
+        s = s.reshape((-1,) + (1,) * (x0.ndim - 1))
+        return jnp.clip(x0, -s, s) / s * max_value
+
+    return threshold
+
+
+def clip_pred_x0(x0: jax.Array, clip_x0: ClipX0) -> jax.Array:
+    """Applies a ``clip_x0`` option to a predicted x_0.
+
+    Args:
+      x0: ``[B, ...]`` predicted clean data.
+      clip_x0: ``False`` (no clipping), ``True`` (clip to [-1, 1]), a ``(low, high)`` range, or a
+        function of x_0 such as :func:`dynamic_threshold`.
+
+    Returns:
+      The clipped prediction.
+    """
+    if clip_x0 is False or clip_x0 is None:
+        return x0
+    if clip_x0 is True:
+        return jnp.clip(x0, -1.0, 1.0)
+    if callable(clip_x0):
+        return clip_x0(x0)
+    if isinstance(clip_x0, tuple | list) and len(clip_x0) == 2:
+        low, high = clip_x0
+        if not low < high:
+            raise ValueError(f"clip_x0 range must have low < high, got {tuple(clip_x0)}.")
+        return jnp.clip(x0, low, high)
+    raise ValueError(
+        f"clip_x0 must be False, True, a (low, high) range or a callable, got {clip_x0!r}."
+    )
+
+
+def split_model_output(
+    model_output: jax.Array, x_t: jax.Array, variance: str
+) -> tuple[jax.Array, jax.Array | None]:
+    """Splits a model output into its mean part and (for ``learned_range``) its variance part.
+
+    Args:
+      model_output: ``[B, ..., C]`` (or ``[B, ..., 2C]`` with ``variance="learned_range"``).
+      x_t: ``[B, ..., C]`` the model's input.
+      variance: one of :data:`VARIANCES`.
+
+    Returns:
+      ``(mean_output, variance_output)``; ``variance_output`` is ``None`` unless learned.
+    """
+    if variance not in VARIANCES:
+        raise ValueError(f"Unknown variance {variance!r}; expected one of {VARIANCES}.")
+    x_shape, out_shape = jnp.shape(x_t), jnp.shape(model_output)
+    if variance == "learned_range":
+        want = x_shape[:-1] + (2 * x_shape[-1],)
+        if out_shape != want:
+            raise ValueError(
+                f"variance='learned_range' needs a model output with twice the channels of x_t "
+                f"on the last axis: expected {want}, got {out_shape}."
+            )
+        mean_out, var_out = jnp.split(model_output, 2, axis=-1)
+        return mean_out, var_out
+    if out_shape != x_shape:
+        raise ValueError(
+            f"variance={variance!r} needs a model output of x_t's shape {x_shape}, got "
+            f"{out_shape}. (A 2C-channel output needs variance='learned_range'.)"
+        )
+    return model_output, None
+
+
+def _predict_x0(
+    schedule: Schedule, out: jax.Array, x_t: jax.Array, t: jax.Array, parameterization: str
+) -> jax.Array:
+    if parameterization == "eps":
+        return predict_x0_from_eps(schedule, x_t, t, out)
+    if parameterization == "x0":
+        return out
+    if parameterization == "v":
+        return predict_x0_from_v(schedule, x_t, t, out)
+    raise ValueError(
+        f"Unknown parameterization {parameterization!r}; expected one of {PARAMETERIZATIONS}."
+    )
+
+
+def p_mean_variance(
+    schedule: Schedule,
+    model_output: jax.Array,
+    x_t: jax.Array,
+    t: jax.Array,
+    *,
+    parameterization: str = "eps",
+    variance: str = "fixed_small",
+    clip_x0: ClipX0 = True,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """The learned reverse Gaussian p(x_{t-1} | x_t) = N(mean, variance).
+
+    The mean is the posterior mean q(x_{t-1} | x_t, x_0 = pred_x0) of the (clipped) prediction.
+
+    Args:
+      schedule: the diffusion's tables.
+      model_output: the network's output for ``(x_t, t)``: ``x_t``'s shape, or twice its
+        channels on the last axis for ``variance="learned_range"``.
+      x_t: ``[B, ..., C]`` noisy data.
+      t: ``[B]`` int timesteps.
+      parameterization: what the network predicts: ``eps``, ``x0`` or ``v``.
+      variance: ``fixed_small`` (the posterior variance), ``fixed_large`` (beta_t, with
+        posterior_variance[1] at t = 0) or ``learned_range`` (Nichol & Dhariwal 2021: the
+        second half of the output, v in [-1, 1], interpolates the log-variance between
+        log(beta_t) and the clipped posterior log-variance).
+      clip_x0: see :func:`clip_pred_x0`.
+
+    Returns:
+      ``(mean, variance, log_variance, pred_x0)``, each of ``x_t``'s shape.
+    """
+    _check_t(x_t, t, "x_t")
+    out, var_out = split_model_output(model_output, x_t, variance)
+    nd = jnp.ndim(x_t)
+    if variance == "fixed_small":
+        log_variance = extract(schedule.posterior_log_variance_clipped, t, nd)
+        # The log is clipped at t = 0 but the variance itself is exactly 0 there.
+        var = extract(schedule.posterior_variance, t, nd)
+    elif variance == "fixed_large":
+        log_variance = extract(schedule.fixed_large_log_variance, t, nd)
+        var = extract(schedule.fixed_large_variance, t, nd)
+    else:
+        min_log = extract(schedule.posterior_log_variance_clipped, t, nd)
+        max_log = jnp.log(extract(schedule.betas, t, nd))
+        frac = (var_out.astype(jnp.float32) + 1.0) / 2.0
+        log_variance = frac * max_log + (1.0 - frac) * min_log
+        var = jnp.exp(log_variance)
+    log_variance = jnp.broadcast_to(log_variance, x_t.shape)
+    var = jnp.broadcast_to(var, x_t.shape)
+    pred_x0 = clip_pred_x0(_predict_x0(schedule, out, x_t, t, parameterization), clip_x0)
+    mean, _, _ = q_posterior_mean_variance(schedule, pred_x0, x_t, t)
+    return mean, var, log_variance, pred_x0
+
+
+def p_sample(
+    schedule: Schedule,
+    model_output: jax.Array,
+    x_t: jax.Array,
+    t: jax.Array,
+    noise: jax.Array,
+    *,
+    parameterization: str = "eps",
+    variance: str = "fixed_small",
+    clip_x0: ClipX0 = True,
+) -> jax.Array:
+    """One ancestral step: x_{t-1} = mean + exp(log_variance / 2) * noise, noiseless at t = 0.
+
+    Args:
+      schedule: the diffusion's tables.
+      model_output: the network's output for ``(x_t, t)``.
+      x_t: ``[B, ...]`` noisy data.
+      t: ``[B]`` int timesteps.
+      noise: standard normal noise of ``x_t``'s shape.
+      parameterization: see :func:`p_mean_variance`.
+      variance: see :func:`p_mean_variance`.
+      clip_x0: see :func:`p_mean_variance`.
+
+    Returns:
+      x_{t-1}, shape of ``x_t``.
+    """
+    _check_same_shape(x_t, noise, "x_t and noise")
+    mean, _, log_variance, _ = p_mean_variance(
+        schedule,
+        model_output,
+        x_t,
+        t,
+        parameterization=parameterization,
+        variance=variance,
+        clip_x0=clip_x0,
+    )
+    nonzero = (t != 0).astype(x_t.dtype).reshape((-1,) + (1,) * (x_t.ndim - 1))
+    return mean + nonzero * jnp.exp(0.5 * log_variance) * noise
+
+
+def ddim_step(
+    schedule: Schedule,
+    model_output: jax.Array,
+    x_t: jax.Array,
+    t: jax.Array,
+    t_prev: jax.Array,
+    noise: jax.Array,
+    *,
+    eta: float | jax.Array = 0.0,
+    parameterization: str = "eps",
+    variance: str = "fixed_small",
+    clip_x0: ClipX0 = True,
+) -> jax.Array:
+    """One DDIM step from ``t`` to ``t_prev`` (Song et al. 2021, eq. 12).
+
+    eps is re-derived from the (clipped) predicted x_0, so that with ``t_prev = t - 1`` and
+    ``eta = 1`` the step equals :func:`p_sample` with ``fixed_small`` given the same noise.
+
+    Args:
+      schedule: the diffusion's tables.
+      model_output: the network's output for ``(x_t, t)``; with ``variance="learned_range"``
+        it has 2C channels and only the first C are used.
+      x_t: ``[B, ...]`` noisy data.
+      t: ``[B]`` int timesteps.
+      t_prev: ``[B]`` int target timesteps, ``< t``; ``-1`` means "to x_0" (abar = 1).
+      noise: standard normal noise of ``x_t``'s shape (scaled by sigma, which is 0 for eta = 0).
+      eta: 0 is deterministic DDIM, 1 is DDPM-like stochasticity.
+      parameterization: see :func:`p_mean_variance`.
+      variance: only used to split a learned-variance output.
+      clip_x0: see :func:`clip_pred_x0`.
+
+    Returns:
+      x_{t_prev}, shape of ``x_t``.
+    """
+    _check_t(x_t, t, "x_t")
+    _check_t(x_t, t_prev, "x_t (t_prev)")
+    _check_same_shape(x_t, noise, "x_t and noise")
+    out, _ = split_model_output(model_output, x_t, variance)
+    nd = jnp.ndim(x_t)
+    pred_x0 = clip_pred_x0(_predict_x0(schedule, out, x_t, t, parameterization), clip_x0)
+    eps = predict_eps_from_x0(schedule, x_t, t, pred_x0)
+    abar_t = extract(schedule.alphas_cumprod, t, nd)
+    # t_prev = -1 must not index the table: -1 would wrap to T-1 under jit.
+    abar_prev = jnp.where(
+        (t_prev >= 0).reshape(abar_t.shape),
+        extract(schedule.alphas_cumprod, jnp.maximum(t_prev, 0), nd),
+        1.0,
+    )
+    sigma = eta * jnp.sqrt((1.0 - abar_prev) / (1.0 - abar_t)) * jnp.sqrt(1.0 - abar_t / abar_prev)
+    direction = jnp.sqrt(jnp.maximum(1.0 - abar_prev - sigma**2, 0.0)) * eps
+    return jnp.sqrt(abar_prev) * pred_x0 + direction + sigma * noise
