@@ -16,7 +16,7 @@ os.environ.setdefault(
     "TFDS_DATA_DIR", os.path.join(os.path.expanduser("~"), ".cache", "diffusion_jax_tests", "tfds")
 )
 
-import jax  # noqa: E402
+import jax
 
 _CACHE_DIR = os.environ.get(
     "DIFFUSION_JAX_TEST_CACHE",

@@ -1,0 +1,159 @@
+"""The pictures people look at, one function per figure, written as PNG with matplotlib.
+
+Command line: ``python -m diffusion_jax.plots NAME --out FILE.png`` with NAME one of
+``schedules`` (beta_t, alphas_cumprod and log-SNR of every schedule) or ``noising`` (one image
+noised at several t under each schedule).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+
+from diffusion_jax import schedules as schedules_lib
+
+__all__ = ["main", "plot_noising", "plot_schedules", "synthetic_image"]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, out: str) -> str:
+    directory = os.path.dirname(os.path.abspath(out))
+    os.makedirs(directory, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    _pyplot().close(fig)
+    return out
+
+
+def plot_schedules(
+    out: str,
+    names: Sequence[str] = tuple(schedules_lib.SCHEDULES),
+    num_timesteps: int = 1000,
+) -> str:
+    """Draws beta_t, alphas_cumprod and log-SNR against t for each schedule.
+
+    Args:
+      out: PNG path to write.
+      names: schedules to draw.
+      num_timesteps: T.
+
+    Returns:
+      ``out``.
+    """
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    t = np.arange(num_timesteps)
+    for name in names:
+        sched = schedules_lib.get_schedule(name, num_timesteps)
+        axes[0].plot(t, np.asarray(sched.betas), label=name)
+        axes[1].plot(t, np.asarray(sched.alphas_cumprod), label=name)
+        axes[2].plot(t, np.asarray(sched.log_snr), label=name)
+    axes[0].set(title=r"$\beta_t$", xlabel="t", yscale="log")
+    axes[1].set(title=r"$\bar\alpha_t$", xlabel="t")
+    axes[2].set(title=r"log-SNR $\log(\bar\alpha_t / (1-\bar\alpha_t))$", xlabel="t")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"Noise schedules, T = {num_timesteps}")
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def synthetic_image(size: int = 64) -> np.ndarray:
+    """A deterministic test picture in [-1, 1], ``[size, size, 3]``: rings over a gradient."""
+    coords = np.linspace(-1.0, 1.0, size)
+    yy, xx = np.meshgrid(coords, coords, indexing="ij")
+    radius = np.sqrt(xx**2 + yy**2)
+    red = np.cos(radius * 12.0)
+    green = xx
+    blue = np.where(np.abs(yy) < 0.25, 1.0, -1.0)
+    return np.stack([red, green, blue], axis=-1).astype(np.float32)
+
+
+def plot_noising(
+    out: str,
+    image: np.ndarray | None = None,
+    names: Sequence[str] = tuple(schedules_lib.SCHEDULES),
+    timesteps: Sequence[int] = (0, 50, 100, 200, 400, 600, 800, 999),
+    num_timesteps: int = 1000,
+    seed: int = 0,
+) -> str:
+    """Draws one image noised by q(x_t | x_0) at several t (columns) under each schedule (rows).
+
+    Args:
+      out: PNG path to write.
+      image: ``[H, W, C]`` in [-1, 1] (C = 1 or 3); a synthetic picture by default.
+      names: schedules, one row each.
+      timesteps: the t of each column, in ``[0, T-1]``.
+      num_timesteps: T.
+      seed: seed of the noise, shared by every panel so rows differ only by the schedule.
+
+    Returns:
+      ``out``.
+    """
+    import jax.numpy as jnp
+
+    from diffusion_jax import diffusion
+
+    plt = _pyplot()
+    image = synthetic_image() if image is None else np.asarray(image, np.float32)
+    if image.ndim != 3 or image.shape[-1] not in (1, 3):
+        raise ValueError(f"image must be [H, W, C] with C in (1, 3), got shape {image.shape}.")
+    bad = [t for t in timesteps if not 0 <= t < num_timesteps]
+    if bad:
+        raise ValueError(f"timesteps must lie in [0, {num_timesteps - 1}], got {bad}.")
+    noise = np.random.default_rng(seed).standard_normal(image.shape).astype(np.float32)
+    batch = len(timesteps)
+    x0 = jnp.broadcast_to(image, (batch, *image.shape))
+    eps = jnp.broadcast_to(noise, (batch, *image.shape))
+    t = jnp.asarray(timesteps, jnp.int32)
+    fig, axes = plt.subplots(
+        len(names), batch, figsize=(1.6 * batch, 1.7 * len(names)), squeeze=False
+    )
+    for row, name in enumerate(names):
+        sched = schedules_lib.get_schedule(name, num_timesteps)
+        noised = np.asarray(diffusion.q_sample(sched, x0, t, eps))
+        for col in range(batch):
+            ax = axes[row, col]
+            pixels = np.clip((noised[col] + 1.0) / 2.0, 0.0, 1.0)
+            ax.imshow(pixels[..., 0] if pixels.shape[-1] == 1 else pixels, cmap="gray")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(f"t = {timesteps[col]}", fontsize=9)
+            if col == 0:
+                ax.set_ylabel(name)
+    fig.suptitle(r"Forward process $q(x_t \mid x_0)$ under each schedule")
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry: ``python -m diffusion_jax.plots NAME --out FILE``."""
+    parser = argparse.ArgumentParser(prog="python -m diffusion_jax.plots", description=__doc__)
+    parser.add_argument("name", choices=["schedules", "noising"], help="which figure")
+    parser.add_argument("--out", required=True, help="PNG file to write")
+    parser.add_argument("--num_timesteps", type=int, default=1000)
+    args = parser.parse_args(argv)
+    if args.name == "schedules":
+        path = plot_schedules(args.out, num_timesteps=args.num_timesteps)
+    else:
+        steps = np.linspace(0, args.num_timesteps - 1, 8).round().astype(int).tolist()
+        path = plot_noising(args.out, num_timesteps=args.num_timesteps, timesteps=steps)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
