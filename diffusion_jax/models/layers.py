@@ -1,0 +1,83 @@
+"""Building blocks shared by the denoisers: timestep embedding, resampling, initialisers.
+
+The resampling helpers are written as reshapes and broadcasts because that is what XLA:CPU
+runs fastest: the backward pass of ``jax.image.resize`` (nearest, x2) is tens of times slower
+than the backward of a broadcast+reshape that computes the same result (figures in
+``benchmarks/unet_formulations.py``).
+"""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# The initialiser of the DDPM reference code (``default_init`` in Ho et al.'s diffusion_tf):
+# variance scaling, fan-average, uniform. Layers it marks ``init_scale=0`` start at zero here.
+default_kernel_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
+zero_init = nn.initializers.zeros
+
+
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+    """Sinusoidal embedding of (possibly fractional) timesteps, as in DDPM and the Transformer.
+
+    Frequencies are ``max_period ** (-i / (dim // 2 - 1))`` for ``i = 0 .. dim // 2 - 1``; the
+    first half of the output holds the sines, the second half the cosines (an odd ``dim`` gets
+    one trailing zero). Always computed in float32.
+
+    Args:
+      t: timesteps, shape ``[B]``, integer or float.
+      dim: embedding width, at least 2.
+      max_period: longest period of the sinusoids.
+
+    Returns:
+      float32 array of shape ``[B, dim]``.
+
+    Example:
+      >>> timestep_embedding(jnp.array([0, 999]), 128).shape
+      (2, 128)
+    """
+    if dim < 2:
+        raise ValueError(f"timestep embedding needs dim >= 2; got {dim=}")
+    if t.ndim != 1:
+        raise ValueError(f"timesteps must have shape [B]; got shape {t.shape}")
+    half = dim // 2
+    # max(half - 1, 1) keeps dim in {2, 3} well defined (a single frequency of 1).
+    exponent = -math.log(max_period) / max(half - 1, 1)
+    freqs = jnp.exp(jnp.arange(half, dtype=jnp.float32) * exponent)
+    args = t.astype(jnp.float32)[:, None] * freqs[None, :]
+    embedding = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+    if dim % 2:
+        embedding = jnp.pad(embedding, ((0, 0), (0, 1)))
+    return embedding
+
+
+def upsample_nearest_2x(x: jax.Array) -> jax.Array:
+    """Nearest-neighbour upsampling by 2 in height and width.
+
+    Same result as ``jax.image.resize(x, (B, 2H, 2W, C), "nearest")`` or ``jnp.repeat`` twice,
+    written as broadcast+reshape so that its backward pass is a cheap reduction on XLA:CPU.
+
+    Args:
+      x: ``[B, H, W, C]``.
+
+    Returns:
+      ``[B, 2H, 2W, C]``, same dtype.
+    """
+    batch, height, width, channels = x.shape
+    x = jnp.broadcast_to(x[:, :, None, :, None, :], (batch, height, 2, width, 2, channels))
+    return x.reshape(batch, 2 * height, 2 * width, channels)
+
+
+def avg_pool_2x(x: jax.Array) -> jax.Array:
+    """2x2 average pooling with stride 2 (the DDPM downsampling without convolution).
+
+    Args:
+      x: ``[B, H, W, C]`` with even ``H`` and ``W``.
+
+    Returns:
+      ``[B, H // 2, W // 2, C]``, same dtype.
+    """
+    batch, height, width, channels = x.shape
+    x = x.reshape(batch, height // 2, 2, width // 2, 2, channels)
+    return x.mean(axis=(2, 4)).astype(x.dtype)
