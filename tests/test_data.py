@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 
+import grain
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -203,11 +204,20 @@ def test_state_works_with_grains_orbax_handler(digits_dir, tmp_path):
     from grain.checkpoint import CheckpointHandler
 
     iterator = _iterator(digits_dir)
+    assert isinstance(iterator, grain.DatasetIterator)
     _take(iterator, 2)
     CheckpointHandler().save(tmp_path, iterator)
     expected = next(iterator)
     resumed = CheckpointHandler().restore(tmp_path, _iterator(digits_dir))
     _assert_batches_equal([next(resumed)], [expected])
+
+
+def test_process_defaults_come_from_jax(digits_dir):
+    import jax
+
+    iterator = data.create_iterator("digits", split="test", batch_size=8, data_dir=digits_dir)
+    assert jax.process_count() == 1
+    assert next(iterator)["image"].shape == (8, 8, 8, 1)
 
 
 def test_argument_validation(digits_dir):

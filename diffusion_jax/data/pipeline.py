@@ -18,6 +18,7 @@ with a description of the stream so that it cannot be restored into a different 
 """
 
 import dataclasses
+import os
 import threading
 from typing import Any
 
@@ -174,13 +175,15 @@ class BatchIterator(grain.DatasetIterator):
     iterator over the same stream (with any number of processes) continues with exactly the
     batches an uninterrupted run would have yielded; restoring it into a different stream raises
     ValueError.
+
+    Attributes:
+      steps_per_epoch: global batches in one epoch (the remainder of each epoch is dropped).
     """
 
     def __init__(self, dataset: grain.IterDataset, pipeline: str, steps_per_epoch: int):
         super().__init__(iter(dataset))
         self._pipeline = pipeline
         self.steps_per_epoch = steps_per_epoch
-        """Global batches in one epoch (the remainder of each epoch is dropped)."""
 
     def __next__(self) -> dict[str, np.ndarray]:
         return next(self._parent)
@@ -217,7 +220,7 @@ def create_iterator(
     *,
     split: str,
     batch_size: int,
-    data_dir: str | None = None,
+    data_dir: str | os.PathLike | None = None,
     seed: int = 0,
     shuffle: bool = True,
     num_epochs: int | None = None,
