@@ -104,6 +104,7 @@ class ArraySource:
         return len(next(iter(self.arrays.values())))
 
     def read(self, indices: np.ndarray) -> dict[str, Any]:
+        """Gathers rows ``indices`` of every array (see `RecordSource.read`)."""
         return {key: array[indices] for key, array in self.arrays.items()}
 
 
@@ -118,6 +119,7 @@ class TfdsSource:
         return len(self.data_source)
 
     def read(self, indices: np.ndarray) -> dict[str, Any]:
+        """Reads and decodes examples ``indices`` (see `RecordSource.read`)."""
         # __getitems__ reads the whole batch in one ArrayRecord call.
         examples = self.data_source.__getitems__([int(i) for i in indices])
         batch = {"image": [np.asarray(example["image"]) for example in examples]}
