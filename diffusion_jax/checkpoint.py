@@ -1,0 +1,533 @@
+"""Checkpoints: the only module that talks to orbax.
+
+A checkpoint is one orbax step directory ``<directory>/<step>/`` with three items:
+
+- ``state``: the training state, any pytree of ``jax.Array`` (orbax ``StandardSave``, OCDBT);
+  its orbax custom metadata holds one integrity digest per leaf (see below);
+- ``data_state``: the data iterator's state, JSON;
+- ``config``: the run's config, JSON.
+
+Saves are asynchronous by default: :meth:`CheckpointManager.save` returns once the arrays are
+copied off the device, and orbax writes them in a background thread into a temporary directory
+that it renames into place when complete, so a killed save leaves no visible step.
+
+**Corruption.** Orbax reports missing or truncated array files, but a flipped bit inside
+compressed array data restores silently to wrong values. So each save records, per leaf, the
+dtype and a 32-bit digest ``sum_i bits_i * w_i mod 2**32`` (``bits`` the leaf's raw bits as
+uint32, ``w_i`` an odd weight of the flat index, so any single-bit change alters it), computed on
+the device, in integer arithmetic that gives the same result under any sharding. A restore
+recomputes the digests and treats a mismatch like an unreadable file: with ``step=None`` it warns,
+names the step and falls back to the previous one. A non-finite state is never saved, so none is
+ever restored either.
+
+**JSON values** (``data_state`` and ``config``) may nest dicts with ``str`` keys, lists, ``str``,
+``int``, ``float``, ``bool`` and ``None``, and also ``bytes`` (stored as
+``{"__bytes_base64__": "<base64>"}``) and tuples (stored as ``{"__tuple__": [...]}``); both come
+back as they went in. NumPy scalars come back as Python scalars. Dicts may not use those two
+reserved keys.
+
+**Several processes** (``jax.distributed``): every process makes the same calls. Each writes its
+shards of the arrays; ``data_state`` and ``config`` are written by process 0 alone, and every
+process restores process 0's (the data pipeline's state is the same on every process).
+
+Example:
+  >>> with CheckpointManager(workdir + "/checkpoints", max_to_keep=3) as manager:
+  ...     manager.save(step, state, data_state=iterator.get_state(), config=config_dict)
+  >>> restored = CheckpointManager(workdir + "/checkpoints").restore(abstract_state)
+  >>> restored.step, restored.state, restored.data_state, restored.config
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple, TypeVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+__all__ = ["CheckpointError", "CheckpointManager", "Restored", "restore_params"]
+
+logger = logging.getLogger(__name__)
+
+_STATE, _DATA_STATE, _CONFIG = "state", "data_state", "config"
+_DIGESTS = "leaf_digests"  # key in the state item's orbax custom metadata
+_BYTES_TAG, _TUPLE_TAG = "__bytes_base64__", "__tuple__"
+_CORRUPT_DIR = "corrupt"  # where a writer moves steps it could not restore
+_T = TypeVar("_T")
+
+
+class CheckpointError(RuntimeError):
+    """No readable checkpoint: none was ever saved, or every one tried is corrupt."""
+
+
+class _CallerError(Exception):
+    """A restore that fails because of the request, not the checkpoint: never falls back."""
+
+
+class _MissingSubtree(_CallerError, KeyError):
+    """The saved state has no such top-level entry."""
+
+
+class Restored(NamedTuple):
+    """What :meth:`CheckpointManager.restore` returns."""
+
+    step: int  # the checkpoint's step
+    state: Any  # pytree like the abstract state, arrays with its shardings
+    data_state: Any  # the data iterator state saved with it, or None
+    config: dict | None  # the config saved with it, or None
+
+
+# ----------------------------------------------------------------------------- integrity
+
+
+def _path_name(path: tuple) -> str:
+    # Dict keys and dataclass/namedtuple fields print alike, so digests saved from a dict match
+    # a restore into an equivalent dataclass.
+    return jax.tree_util.keystr(path, simple=True, separator="/")
+
+
+def _as_uint32(x: jax.Array) -> jax.Array:
+    """The raw bits of ``x`` as a flat uint32 vector (wider types give several words)."""
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+        x = jnp.stack([x.real, x.imag])
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    itemsize = x.dtype.itemsize
+    if itemsize >= 4:
+        return jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)
+    narrow = {1: jnp.uint8, 2: jnp.uint16}[itemsize]
+    return jax.lax.bitcast_convert_type(x, narrow).astype(jnp.uint32).reshape(-1)
+
+
+@jax.jit
+def _inspect_leaves(leaves: list[jax.Array]) -> list[tuple[jax.Array, jax.Array]]:
+    """Per leaf: (all finite [] bool, digest [] uint32)."""
+    out = []
+    for x in leaves:
+        x = jnp.asarray(x)
+        floating = jnp.issubdtype(x.dtype, jnp.inexact)
+        finite = jnp.all(jnp.isfinite(x)) if floating else jnp.bool_(True)
+        bits = _as_uint32(x)
+        # Odd weights: a change of 2**b in one word changes the sum by 2**b * odd != 0 mod 2**32.
+        index = jnp.arange(bits.shape[0], dtype=jnp.uint32)
+        weights = (index * jnp.uint32(0x9E3779B1)) | jnp.uint32(1)
+        out.append((finite, jnp.sum(bits * weights, dtype=jnp.uint32)))
+    return out
+
+
+def _inspect(tree: Any) -> dict[str, tuple[str, bool, int]]:
+    """Maps each leaf's path to (dtype name, all finite, digest).
+
+    Leaves are inspected in one jitted call per set of devices they live on, so a state whose
+    leaves sit on different devices (or are NumPy arrays) still works.
+    """
+    named = [(_path_name(p), x) for p, x in jax.tree_util.tree_leaves_with_path(tree)]
+    groups: dict[tuple, list[int]] = {}
+    for i, (_, x) in enumerate(named):
+        devices = (
+            tuple(sorted(d.id for d in x.sharding.device_set)) if isinstance(x, jax.Array) else ()
+        )
+        groups.setdefault(devices, []).append(i)
+    result: dict[str, tuple[str, bool, int]] = {}
+    for indices in groups.values():
+        values = jax.device_get(_inspect_leaves([named[i][1] for i in indices]))
+        for i, (finite, digest) in zip(indices, values, strict=True):
+            name, x = named[i]
+            dtype = x.dtype if hasattr(x, "dtype") else jnp.asarray(x).dtype
+            result[name] = (str(dtype), bool(finite), int(digest))
+    return result
+
+
+def _verify(tree: Any, saved: Mapping[str, Any] | None) -> None:
+    """Raises ValueError if a restored leaf's digest differs from the one saved with it.
+
+    Leaves restored to another dtype than they were saved with (a deliberate cast) are skipped.
+    """
+    if not saved:
+        return
+    bad = [
+        name
+        for name, (dtype, _, digest) in _inspect(tree).items()
+        if name in saved and saved[name][0] == dtype and saved[name][1] != digest
+    ]
+    if bad:
+        raise ValueError(f"array data does not match the digests saved with it: {bad}")
+
+
+# ----------------------------------------------------------------------------- JSON values
+
+
+def _encode_json(value: Any, where: str = "value") -> Any:
+    """``value`` as plain JSON types; bytes and tuples tagged so they round-trip."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, bytes):
+        return {_BYTES_TAG: base64.b64encode(value).decode("ascii")}
+    if isinstance(value, tuple):
+        return {_TUPLE_TAG: [_encode_json(v, f"{where}[{i}]") for i, v in enumerate(value)]}
+    if isinstance(value, list):
+        return [_encode_json(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, Mapping):
+        encoded = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise TypeError(
+                    f"{where} has a key {key!r} of type {type(key).__name__}; "
+                    "JSON keys must be str."
+                )
+            if key in (_BYTES_TAG, _TUPLE_TAG):
+                raise ValueError(f"{where} uses the reserved key {key!r}.")
+            encoded[key] = _encode_json(item, f"{where}[{key!r}]")
+        return encoded
+    raise TypeError(
+        f"{where} has type {type(value).__name__}, which cannot be checkpointed as JSON "
+        "(allowed: dict with str keys, list, tuple, str, int, float, bool, None, bytes)."
+    )
+
+
+def _decode_json(value: Any) -> Any:
+    """Inverse of :func:`_encode_json`."""
+    if isinstance(value, list):
+        return [_decode_json(v) for v in value]
+    if isinstance(value, dict):
+        if value.keys() == {_BYTES_TAG}:
+            return base64.b64decode(value[_BYTES_TAG])
+        if value.keys() == {_TUPLE_TAG}:
+            return tuple(_decode_json(v) for v in value[_TUPLE_TAG])
+        return {k: _decode_json(v) for k, v in value.items()}
+    return value
+
+
+def _unwrap(item: Any) -> Any:
+    return _decode_json(item["value"])
+
+
+# ----------------------------------------------------------------------------- fallback
+
+
+def _first_good(
+    directory: str, steps: list[int], read: Callable[[int], _T], *, fall_back: bool
+) -> tuple[int, _T, list[int]]:
+    """Calls ``read(step)`` on ``steps`` (newest first) until one succeeds.
+
+    Returns:
+      (step, read(step), the steps that failed before it).
+    """
+    if not steps:
+        raise CheckpointError(f"No checkpoint found in {directory}.")
+    failures: list[tuple[int, Exception]] = []
+    for step in steps:
+        try:
+            return step, read(step), [s for s, _ in failures]
+        except _CallerError:
+            raise
+        except Exception as error:  # any read error means this step is unusable
+            first_line = (str(error).strip().splitlines() or [""])[0][:300]
+            path = os.path.join(directory, str(step))
+            if fall_back and step != steps[-1]:
+                logger.warning(
+                    "Checkpoint %s is unreadable or corrupt (%s: %s); falling back to the "
+                    "previous one.",
+                    path,
+                    type(error).__name__,
+                    first_line,
+                )
+            failures.append((step, error))
+    details = "; ".join(
+        f"{os.path.join(directory, str(s))}: {type(e).__name__}: {str(e).strip()[:300]}"
+        for s, e in failures
+    )
+    raise CheckpointError(
+        f"No readable checkpoint in {directory}; tried steps {[s for s, _ in failures]}: {details}"
+    ) from failures[-1][1]
+
+
+def _open_reader(directory: str) -> ocp.CheckpointManager:
+    """A read-only orbax manager whose ``state`` item supports partial restores."""
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"No checkpoint found in {directory}: the directory does not exist.")
+    return ocp.CheckpointManager(
+        directory,
+        options=ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0),
+        item_handlers={
+            _STATE: ocp.PyTreeCheckpointHandler(),
+            _DATA_STATE: ocp.JsonCheckpointHandler(),
+            _CONFIG: ocp.JsonCheckpointHandler(),
+        },
+    )
+
+
+def _saved_digests(manager: ocp.CheckpointManager, step: int) -> dict[str, Any] | None:
+    custom = manager.item_metadata(step)[_STATE].custom_metadata or {}
+    return custom.get(_DIGESTS)
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+class CheckpointManager:
+    """Saves and restores training checkpoints in one directory, one orbax step each.
+
+    Args:
+      directory: where the step directories live; created if missing.
+      max_to_keep: how many of the newest checkpoints to keep (older ones are deleted).
+      async_save: write in a background thread (call :meth:`wait_until_finished` or
+        :meth:`close` before reading back or exiting).
+
+    Use it as a context manager, or call :meth:`close` when done.
+    """
+
+    def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
+        if max_to_keep < 1:
+            raise ValueError(f"max_to_keep must be at least 1, got {max_to_keep=}.")
+        self.directory = os.path.abspath(os.fspath(directory))
+        self._max_to_keep, self._async_save = max_to_keep, async_save
+        self._manager = self._open(cleanup=False)
+        self._cleaned_up = False
+
+    def _open(self, *, cleanup: bool) -> ocp.CheckpointManager:
+        return ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=self._max_to_keep,
+                enable_async_checkpointing=self._async_save,
+                cleanup_tmp_directories=cleanup,
+            ),
+            item_handlers={
+                _STATE: ocp.StandardCheckpointHandler(),
+                _DATA_STATE: ocp.JsonCheckpointHandler(),
+                _CONFIG: ocp.JsonCheckpointHandler(),
+            },
+        )
+
+    def save(
+        self,
+        step: int,
+        state: Any,
+        *,
+        data_state: Any = None,
+        config: Mapping[str, Any] | None = None,
+        force: bool = False,
+    ) -> bool:
+        """Saves ``state`` (and the iterator state and config) as checkpoint ``step``.
+
+        Args:
+          step: the training step; must be newer than the latest saved step.
+          state: pytree of ``jax.Array`` (any sharding; NumPy arrays are accepted too).
+          data_state: the data iterator's state: JSON-like (see the module docstring), or None.
+          config: the run's config as a JSON-like dict, or None.
+          force: save even if orbax's save policy would skip this step (orbax raises if the
+            step already exists).
+
+        Returns:
+          True if a save was started (it completes in the background when async), False if
+          orbax skipped it (e.g. ``step`` is not newer than the latest checkpoint).
+
+        Raises:
+          ValueError: if a floating-point leaf of ``state`` holds a NaN or an infinity; nothing
+            is saved then.
+          TypeError: if ``data_state`` or ``config`` cannot be stored as JSON.
+        """
+        leaves = _inspect(state)
+        nonfinite = [name for name, (_, finite, _) in leaves.items() if not finite]
+        if nonfinite:
+            raise ValueError(
+                f"Refusing to save a non-finite state at step {step}: leaves {nonfinite} hold "
+                "NaN or inf."
+            )
+        if config is not None and not isinstance(config, Mapping):
+            raise TypeError(f"config must be a dict or None, got {type(config).__name__}.")
+        digests = {name: [dtype, digest] for name, (dtype, _, digest) in leaves.items()}
+        args = ocp.args.Composite(
+            **{
+                _STATE: ocp.args.StandardSave(state, custom_metadata={_DIGESTS: digests}),
+                _DATA_STATE: ocp.args.JsonSave({"value": _encode_json(data_state, "data_state")}),
+                _CONFIG: ocp.args.JsonSave({"value": _encode_json(config, "config")}),
+            }
+        )
+        if not self._cleaned_up:
+            # Temporary directories left by a killed save are deleted by the run that saves
+            # here next, not on opening: a reader (sample.py during training) must not delete
+            # the trainer's save in flight.
+            self._manager.close()
+            self._manager = self._open(cleanup=True)
+            self._cleaned_up = True
+        return bool(self._manager.save(int(step), args=args, force=force))
+
+    def all_steps(self) -> list[int]:
+        """Returns: the steps of all finished checkpoints, ascending."""
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        """Returns: the newest finished checkpoint's step, or None if there is none.
+
+        It may be corrupt; :meth:`restore` falls back past it.
+        """
+        return self._manager.latest_step()
+
+    def _candidates(self, step: int | None) -> list[int]:
+        self._manager.wait_until_finished()
+        return [int(step)] if step is not None else self.all_steps()[::-1]
+
+    def restore(self, abstract_state: Any, step: int | None = None) -> Restored:
+        """Restores a checkpoint onto the shardings of ``abstract_state``.
+
+        Args:
+          abstract_state: pytree like the saved state, of ``jax.ShapeDtypeStruct`` with
+            ``sharding`` set (e.g. from ``jax.eval_shape`` plus the state's shardings); the
+            device count and layout may differ from the saving run's. A different dtype casts.
+          step: the step to restore; None for the newest good one.
+
+        Returns:
+          ``Restored(step, state, data_state, config)``.
+
+        Raises:
+          CheckpointError: no checkpoint exists, the requested ``step`` is unreadable, or (for
+            ``step=None``) every checkpoint is. With ``step=None`` a corrupt newest checkpoint
+            is logged as a warning and the previous one is tried; the corrupt ones are moved to
+            ``<directory>/corrupt/`` so that the resumed run can save those steps again.
+        """
+        restore_args = ocp.args.Composite(
+            **{
+                _STATE: ocp.args.StandardRestore(abstract_state),
+                _DATA_STATE: ocp.args.JsonRestore(),
+                _CONFIG: ocp.args.JsonRestore(),
+            }
+        )
+
+        def read(s: int) -> Restored:
+            saved = _saved_digests(self._manager, s)
+            items = self._manager.restore(s, args=restore_args)
+            _verify(items[_STATE], saved)
+            return Restored(s, items[_STATE], _unwrap(items[_DATA_STATE]), _unwrap(items[_CONFIG]))
+
+        found, restored, failed = _first_good(
+            self.directory, self._candidates(step), read, fall_back=step is None
+        )
+        if failed:
+            self._quarantine([s for s in failed if s > found])
+        return restored
+
+    def _quarantine(self, steps: list[int]) -> None:
+        """Moves unreadable steps to ``<directory>/corrupt/`` (kept for inspection)."""
+        if jax.process_index() == 0:
+            for step in steps:
+                source = os.path.join(self.directory, str(step))
+                target = os.path.join(self.directory, _CORRUPT_DIR, str(step))
+                suffix = 1
+                while os.path.exists(target):
+                    target = os.path.join(self.directory, _CORRUPT_DIR, f"{step}.{suffix}")
+                    suffix += 1
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                os.replace(source, target)
+                logger.warning("Moved corrupt checkpoint %s to %s.", source, target)
+        ocp.multihost.sync_global_processes("diffusion_jax_checkpoint_quarantine")
+        self._manager.reload()
+
+    def read_config(self, step: int | None = None) -> dict | None:
+        """Reads the config saved with a checkpoint, without reading its arrays.
+
+        Args:
+          step: the checkpoint's step; None for the newest one whose config is readable (a
+            corrupt one is skipped with a warning).
+
+        Returns:
+          The config dict, or None if the checkpoint was saved without one.
+
+        Raises:
+          CheckpointError: as for :meth:`restore`.
+        """
+
+        def read(s: int) -> dict | None:
+            items = self._manager.restore(s, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+            return _unwrap(items[_CONFIG])
+
+        _, config, _ = _first_good(
+            self.directory, self._candidates(step), read, fall_back=step is None
+        )
+        return config
+
+    def wait_until_finished(self) -> None:
+        """Blocks until every pending asynchronous save is written (re-raising its errors)."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for pending saves and releases orbax's resources."""
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def restore_params(
+    directory: str,
+    abstract_params: Any | None,
+    *,
+    which: str = "ema_params",
+    step: int | None = None,
+) -> Any:
+    """Restores one subtree of a saved state (e.g. the EMA params) and nothing else.
+
+    The rest of the state (optimiser moments, other params) is neither read nor allocated, so
+    sampling and fine-tuning need no random initialisation first.
+
+    Args:
+      directory: a :class:`CheckpointManager` directory.
+      abstract_params: pytree of ``jax.ShapeDtypeStruct`` with shardings for the subtree, or
+        None to restore it with the saved shapes and dtypes onto this process's first device.
+      which: the top-level key of the saved state to restore (``"ema_params"``, ``"params"``).
+      step: the checkpoint's step; None for the newest good one (falling back past corrupt
+        ones with a warning, as :meth:`CheckpointManager.restore` does; nothing is moved).
+
+    Returns:
+      The subtree: a pytree of ``jax.Array``.
+
+    Raises:
+      CheckpointError: no checkpoint in ``directory``, or none readable.
+      KeyError: the saved state has no top-level entry ``which``.
+    """
+    manager = _open_reader(directory)
+    directory = os.path.abspath(os.fspath(directory))
+    try:
+
+        def read(s: int) -> Any:
+            tree = manager.item_metadata(s)[_STATE].tree
+            if not isinstance(tree, Mapping) or which not in tree:
+                raise _MissingSubtree(
+                    f"The state saved in {os.path.join(directory, str(s))} has no entry {which!r}; "
+                    f"it has {sorted(tree) if isinstance(tree, Mapping) else type(tree)}."
+                )
+            target = abstract_params
+            if target is None:
+                device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+                target = jax.tree.map(
+                    lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree[which]
+                )
+            item = {which: target}
+            args = ocp.args.PyTreeRestore(
+                item,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                partial_restore=True,
+            )
+            saved = _saved_digests(manager, s)
+            params = manager.restore(s, args=ocp.args.Composite(**{_STATE: args}))[_STATE][which]
+            _verify({which: params}, saved)
+            return params
+
+        steps = [int(step)] if step is not None else sorted(manager.all_steps(), reverse=True)
+        return _first_good(directory, steps, read, fall_back=step is None)[1]
+    finally:
+        manager.close()
