@@ -16,7 +16,15 @@ import numpy as np
 
 from diffusion_jax import schedules as schedules_lib
 
-__all__ = ["main", "plot_noising", "plot_schedules", "synthetic_image"]
+__all__ = [
+    "image_grid",
+    "main",
+    "plot_noising",
+    "plot_points",
+    "plot_schedules",
+    "save_image_grid",
+    "synthetic_image",
+]
 
 
 def _pyplot():
@@ -135,6 +143,60 @@ def plot_noising(
             if col == 0:
                 ax.set_ylabel(name)
     fig.suptitle(r"Forward process $q(x_t \mid x_0)$ under each schedule")
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def image_grid(images: np.ndarray, columns: int | None = None, pad: int = 1) -> np.ndarray:
+    """Tiles uint8 images ``[N, H, W, C]`` into one ``[rows*(H+pad)+pad, cols*(W+pad)+pad, C]``
+    picture (about square by default), with ``pad`` pixels of white between tiles."""
+    images = np.asarray(images)
+    if images.ndim != 4 or images.dtype != np.uint8:
+        raise ValueError(f"images must be uint8 [N, H, W, C], got {images.dtype} {images.shape}.")
+    num, height, width, channels = images.shape
+    columns = columns or int(np.ceil(np.sqrt(num)))
+    rows = int(np.ceil(num / columns))
+    grid = np.full(
+        (rows * (height + pad) + pad, columns * (width + pad) + pad, channels), 255, np.uint8
+    )
+    for index in range(num):
+        r, c = divmod(index, columns)
+        top, left = pad + r * (height + pad), pad + c * (width + pad)
+        grid[top : top + height, left : left + width] = images[index]
+    return grid
+
+
+def save_image_grid(images: np.ndarray, out: str, scale: int | None = None) -> str:
+    """Writes uint8 images ``[N, H, W, C]`` as one PNG grid, upscaled (nearest) so that small
+    images stay visible: each tile is at least 64 pixels wide unless ``scale`` says otherwise.
+    """
+    from PIL import Image
+
+    grid = image_grid(images)
+    width = np.asarray(images).shape[2]
+    scale = scale or max(1, int(np.ceil(64 / width)))
+    if scale > 1:
+        grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(out)
+    return out
+
+
+def plot_points(samples: np.ndarray, out: str, data: np.ndarray | None = None) -> str:
+    """Scatter plot of 2-D samples ``[N, 2]``, over the data ``[M, 2]`` when given."""
+    samples = np.asarray(samples)
+    if samples.ndim != 2 or samples.shape[1] != 2:
+        raise ValueError(f"samples must be [N, 2] points, got shape {samples.shape}.")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 6))
+    if data is not None:
+        data = np.asarray(data)
+        ax.scatter(data[:, 0], data[:, 1], s=3, alpha=0.3, c="tab:gray", label="data")
+    ax.scatter(samples[:, 0], samples[:, 1], s=4, alpha=0.7, c="tab:red", label="samples")
+    ax.set_aspect("equal")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right")
+    ax.set_title(f"{len(samples)} samples")
     fig.tight_layout()
     return _save(fig, out)
 

@@ -1,0 +1,258 @@
+"""From a config to the objects it describes: validation, schedule, model and optimiser.
+
+Every field the trainer reads is declared, with its comment, in ``configs/default.py``; a config
+with a key the default does not have, or with an invalid value, fails here before anything
+heavy starts, with an error naming the key.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+from typing import Any
+
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from diffusion_jax import diffusion, losses, schedules
+
+__all__ = [
+    "RUN_FIELDS",
+    "build_model",
+    "build_optimizer",
+    "build_schedule",
+    "config_to_dict",
+    "default_config",
+    "ema_decay",
+    "identity_dict",
+    "validate_config",
+]
+
+# Fields that may change between a run and its resumption without changing what is trained.
+RUN_FIELDS = (
+    "data.data_dir",
+    "train.num_steps",
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.sample_every",
+    "train.eval_every",
+    "train.eval_batches",
+    "train.keep_checkpoints",
+    "train.max_nonfinite_steps",
+    "train.num_samples",
+    "train.sample_method",
+    "train.sample_steps",
+    "train.progress_bar",
+)
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The default config (``configs/default.py`` of the repository), the reference for every
+    field. Loaded by path, so it works from any working directory."""
+    path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "default.py"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} is missing: diffusion_jax's trainer runs from a checkout of the repository "
+            "(pip install -e .), whose configs/ folder declares every config field."
+        )
+    spec = importlib.util.spec_from_file_location("diffusion_jax_default_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """A JSON-safe plain dict of ``config`` (tuples become lists)."""
+    return json.loads(config.to_json())
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def identity_dict(config_dict: dict[str, Any]) -> dict[str, Any]:
+    """The flattened fields that define what a run trains (all but :data:`RUN_FIELDS`)."""
+    return {k: v for k, v in _flatten(config_dict).items() if k not in RUN_FIELDS}
+
+
+def _choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"config.{name} = {value!r} is not valid; expected one of {allowed}.")
+
+
+def _positive(name: str, value: Any, *, allow_zero: bool = False) -> None:
+    ok = value >= 0 if allow_zero else value > 0
+    if isinstance(value, bool) or not isinstance(value, int | float) or not ok:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"config.{name} = {value!r} is not valid; it must be a number {bound}.")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Checks every key and value of a training config.
+
+    Raises:
+      ValueError: naming the first unknown key or invalid value, and what is allowed.
+    """
+    known = _flatten(config_to_dict(default_config()))
+    given = _flatten(config_to_dict(config))
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise ValueError(
+            f"Unknown config keys {unknown}; every field is declared in configs/default.py."
+        )
+    missing = sorted(set(known) - set(given))
+    if missing:
+        raise ValueError(f"Config is missing keys {missing} (see configs/default.py).")
+
+    d, m, o, t = config.diffusion, config.model, config.optim, config.train
+    _choice("diffusion.schedule", d.schedule, tuple(schedules.SCHEDULES))
+    _positive("diffusion.num_timesteps", d.num_timesteps)
+    _choice("diffusion.parameterization", d.parameterization, diffusion.PARAMETERIZATIONS)
+    _choice("diffusion.variance", d.variance, diffusion.VARIANCES)
+    _choice("diffusion.loss_type", d.loss_type, losses.LOSS_TYPES)
+    if d.loss_type == "hybrid" and d.variance != "learned_range":
+        raise ValueError(
+            "config.diffusion.loss_type = 'hybrid' trains the variance: it needs "
+            f"config.diffusion.variance = 'learned_range', got {d.variance!r}."
+        )
+    _positive("diffusion.min_snr_gamma", d.min_snr_gamma, allow_zero=True)
+    if not 0.0 <= d.p_uncond < 1.0:
+        raise ValueError(f"config.diffusion.p_uncond = {d.p_uncond} must lie in [0, 1).")
+    if d.p_uncond > 0 and not m.class_conditional:
+        raise ValueError(
+            "config.diffusion.p_uncond > 0 drops labels for classifier-free guidance: it needs "
+            "config.model.class_conditional = True."
+        )
+    _choice("diffusion.timestep_sampler", d.timestep_sampler, ("uniform", "loss_second_moment"))
+    _choice("model.name", m.name, ("unet", "mlp"))
+    if not 0.0 <= m.dropout < 1.0:
+        raise ValueError(f"config.model.dropout = {m.dropout} must lie in [0, 1).")
+    _choice("optim.optimizer", o.optimizer, ("adam", "adamw"))
+    _positive("optim.lr", o.lr)
+    _positive("optim.weight_decay", o.weight_decay, allow_zero=True)
+    _positive("optim.warmup_steps", o.warmup_steps, allow_zero=True)
+    _choice("optim.lr_schedule", o.lr_schedule, ("constant", "cosine"))
+    _positive("optim.grad_clip", o.grad_clip, allow_zero=True)
+    _positive("optim.accumulate_steps", o.accumulate_steps)
+    if not 0.0 <= o.ema_decay < 1.0:
+        raise ValueError(f"config.optim.ema_decay = {o.ema_decay} must lie in [0, 1).")
+    _positive("data.batch_size", config.data.batch_size)
+    _positive("data.image_size", config.data.image_size, allow_zero=True)
+    if config.data.batch_size % o.accumulate_steps:
+        raise ValueError(
+            f"config.data.batch_size = {config.data.batch_size} must be a multiple of "
+            f"config.optim.accumulate_steps = {o.accumulate_steps}."
+        )
+    for name in ("num_steps", "log_every", "keep_checkpoints", "max_nonfinite_steps"):
+        _positive(f"train.{name}", t[name])
+    for name in ("checkpoint_every", "sample_every", "eval_every", "eval_batches", "num_samples"):
+        _positive(f"train.{name}", t[name], allow_zero=True)
+    _choice("train.compute_dtype", t.compute_dtype, ("float32", "bfloat16"))
+    _choice("train.sample_method", t.sample_method, ("ddpm", "ddim", "dpm_solver++"))
+    _positive("train.sample_steps", t.sample_steps)
+    if t.sample_steps > d.num_timesteps:
+        raise ValueError(
+            f"config.train.sample_steps = {t.sample_steps} exceeds "
+            f"config.diffusion.num_timesteps = {d.num_timesteps}."
+        )
+
+
+def build_schedule(config: ml_collections.ConfigDict) -> schedules.Schedule:
+    """The noise schedule of ``config.diffusion``."""
+    return schedules.get_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
+
+
+def build_model(config: ml_collections.ConfigDict, data_shape: tuple, num_classes: int | None):
+    """The denoiser of ``config.model`` for data of ``data_shape`` (``(H, W, C)`` or ``(D,)``).
+
+    The output has C (or D) channels, doubled for a learned variance.
+    """
+    from diffusion_jax import models
+
+    m = config.model
+    channels = data_shape[-1]
+    out = 2 * channels if config.diffusion.variance == "learned_range" else channels
+    if m.class_conditional and not num_classes:
+        raise ValueError(
+            f"config.model.class_conditional = True but dataset {config.data.name!r} has no labels."
+        )
+    classes = num_classes if m.class_conditional else None
+    dtype = jnp.bfloat16 if config.train.compute_dtype == "bfloat16" else jnp.float32
+    if m.name == "mlp":
+        if len(data_shape) != 1:
+            raise ValueError(f"model.name = 'mlp' needs vector data [B, D], got {data_shape}.")
+        return models.MLP(
+            features=m.ch,
+            num_layers=m.num_res_blocks,
+            out_dim=out,
+            num_classes=classes,
+            dropout=m.dropout,
+            dtype=dtype,
+        )
+    if len(data_shape) != 3:
+        raise ValueError(f"model.name = 'unet' needs images [B, H, W, C], got {data_shape}.")
+    return models.UNet(
+        ch=m.ch,
+        ch_mult=tuple(m.ch_mult),
+        num_res_blocks=m.num_res_blocks,
+        attn_resolutions=tuple(m.attn_resolutions),
+        dropout=m.dropout,
+        out_channels=out,
+        num_classes=classes,
+        dtype=dtype,
+        num_groups=m.num_groups,
+        num_heads=m.num_heads,
+        conv_resample=m.conv_resample,
+        resblock_updown=m.resblock_updown,
+        use_scale_shift_norm=m.use_scale_shift_norm,
+        remat=m.remat,
+    )
+
+
+def build_optimizer(
+    config: ml_collections.ConfigDict,
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """Adam/AdamW with linear warm-up then constant or cosine decay, global-norm clipping,
+    skipping of non-finite updates (``optax.apply_if_finite``) and gradient accumulation
+    (``optax.MultiSteps``).
+
+    Returns:
+      ``(tx, learning_rate_schedule)``; the schedule counts optimiser steps.
+    """
+    o, t = config.optim, config.train
+    warmup = min(o.warmup_steps, t.num_steps)
+    if o.lr_schedule == "cosine":
+        lr = optax.warmup_cosine_decay_schedule(0.0, o.lr, warmup, max(t.num_steps, warmup + 1))
+    else:
+        lr = optax.join_schedules(
+            [optax.linear_schedule(0.0, o.lr, warmup), optax.constant_schedule(o.lr)], [warmup]
+        )
+    if o.optimizer == "adamw":
+        inner = optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
+    else:
+        inner = optax.adam(lr, b1=o.b1, b2=o.b2, eps=o.eps)
+    if o.grad_clip > 0:
+        inner = optax.chain(optax.clip_by_global_norm(o.grad_clip), inner)
+    # The trainer stops the run itself after train.max_nonfinite_steps consecutive skips, so the
+    # optax limit (after which updates would be applied anyway) is never reached.
+    tx = optax.apply_if_finite(inner, max_consecutive_errors=2**31 - 1)
+    if o.accumulate_steps > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=o.accumulate_steps)
+    return tx, lr
+
+
+def ema_decay(config: ml_collections.ConfigDict, step) -> Any:
+    """The EMA decay at an optimiser step (with the optional warm-up of short runs)."""
+    decay = config.optim.ema_decay
+    if config.optim.ema_warmup:
+        return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+    return jnp.asarray(decay, jnp.float32) + 0.0 * step

@@ -1,0 +1,353 @@
+"""Turning trained parameters into samples: batched, spread over devices, reproducible.
+
+Shared by the trainer (periodic sample grids) and ``sample.py``. Example ``i`` of a run always
+gets the noise of run-wide index ``i`` (``samplers.sample(..., first_index=...)``), so the same
+seed gives the same samples whatever the batch size or device count.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from diffusion_jax import plots, samplers, sharding
+from diffusion_jax.models import make_model_fn
+
+__all__ = [
+    "generate",
+    "parse_labels",
+    "sample_from_workdir",
+    "to_uint8",
+    "write_samples",
+    "write_training_samples",
+]
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """[-1, 1] floats to uint8 pixels (rounded, clipped)."""
+    return np.clip(np.round((np.asarray(images) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+@functools.lru_cache(maxsize=8)
+def _eval_model_fn(model):
+    # One model_fn per model: the sampler's compiled loop is keyed on it.
+    return make_model_fn(model, train=False)
+
+
+def _clip_option(config: ml_collections.ConfigDict, is_image: bool) -> Any:
+    return bool(config.diffusion.clip_x0) and is_image
+
+
+def generate(
+    config: ml_collections.ConfigDict,
+    model,
+    schedule,
+    params: Any,
+    data_shape: Sequence[int],
+    *,
+    num: int,
+    batch_size: int,
+    seed: int,
+    method: str,
+    num_steps: int,
+    is_image: bool,
+    eta: float = 0.0,
+    labels: np.ndarray | None = None,
+    null_label: int | None = None,
+    guidance_scale: float | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    progress: bool = False,
+) -> np.ndarray:
+    """Draws ``num`` samples in batches of ``batch_size``, each batch split over ``mesh``.
+
+    Args:
+      config: the run's config (its ``diffusion`` section says how the model was trained).
+      model: the Linen module.
+      schedule: the diffusion's schedule.
+      params: the parameters to sample with (e.g. the EMA params).
+      data_shape: ``(H, W, C)`` or ``(D,)``.
+      num: number of samples.
+      batch_size: samples per compiled call; a multiple of the mesh size.
+      seed: the samples are a function of (seed, index) alone.
+      method, num_steps, eta: see :func:`diffusion_jax.samplers.sample`.
+      is_image: images are clipped to [-1, 1] when ``config.diffusion.clip_x0``.
+      labels: ``[num]`` int labels for a class-conditional model (validated by the caller).
+      null_label: the unconditional label, for guidance.
+      guidance_scale: classifier-free guidance weight, or ``None``.
+      mesh: devices to split each batch over (default: every device).
+      progress: show a progress bar over batches.
+
+    Returns:
+      float32 ``[num, *data_shape]``.
+    """
+    mesh = sharding.make_mesh() if mesh is None else mesh
+    if batch_size % mesh.size:
+        raise ValueError(
+            f"batch_size {batch_size} must be a multiple of the number of devices ({mesh.size})."
+        )
+    d = config.diffusion
+    model_fn = _eval_model_fn(model)
+    key = jax.random.key(seed)
+    out_sharding = sharding.data_sharding(mesh)
+
+    @functools.partial(jax.jit, out_shardings=out_sharding)
+    def draw(params, batch_labels, first_index):
+        kwargs, uncond = None, None
+        if batch_labels is not None:
+            kwargs = {"y": batch_labels}
+            if guidance_scale is not None:
+                uncond = {"y": jnp.full_like(batch_labels, null_label)}
+        return samplers.sample(
+            model_fn,
+            params,
+            schedule,
+            key,
+            (batch_size, *data_shape),
+            method=method,
+            num_steps=num_steps,
+            eta=eta,
+            parameterization=d.parameterization,
+            variance=d.variance,
+            clip_x0=_clip_option(config, is_image),
+            model_kwargs=kwargs,
+            guidance_scale=guidance_scale if batch_labels is not None else None,
+            uncond_kwargs=uncond,
+            first_index=first_index,
+        )
+
+    from tqdm.auto import tqdm
+
+    chunks = []
+    starts = range(0, num, batch_size)
+    for start in tqdm(starts, disable=not progress, unit="batch", desc="sampling"):
+        batch_labels = None
+        if labels is not None:
+            batch_labels = np.zeros((batch_size,), np.int32)
+            part = labels[start : start + batch_size]
+            batch_labels[: len(part)] = part
+            batch_labels = jax.device_put(batch_labels, out_sharding)
+        # first_index is a traced value: one compilation serves every batch.
+        samples = draw(params, batch_labels, jnp.int32(start))
+        chunks.append(np.asarray(jax.device_get(samples))[: num - start])
+    return np.concatenate(chunks, axis=0)
+
+
+def write_samples(samples: np.ndarray, out: str, *, is_image: bool, data=None) -> str:
+    """Writes a grid (images) or a scatter plot over ``data`` (2-D points) to ``out``."""
+    if is_image:
+        return plots.save_image_grid(to_uint8(samples), out)
+    return plots.plot_points(samples, out, data=data)
+
+
+def write_training_samples(
+    config: ml_collections.ConfigDict,
+    model,
+    schedule,
+    params: Any,
+    info,
+    data_shape: Sequence[int],
+    workdir: str,
+    step: int,
+) -> str | None:
+    """The trainer's periodic picture: ``workdir/samples/step_XXXXXXX.png`` from ``params``.
+
+    Every process takes part in sampling (the batch is split over all devices); process 0
+    writes the file.
+    """
+    t = config.train
+    is_image = info.kind == "image"
+    mesh = sharding.make_mesh()
+    num = t.num_samples
+    batch = -(-num // mesh.size) * mesh.size
+    labels = None
+    if config.model.class_conditional and info.num_classes:
+        labels = np.arange(num, dtype=np.int32) % info.num_classes
+    samples = generate(
+        config,
+        model,
+        schedule,
+        params,
+        data_shape,
+        num=num,
+        batch_size=batch,
+        seed=config.seed,
+        method=t.sample_method,
+        num_steps=t.sample_steps,
+        is_image=is_image,
+        labels=labels,
+        mesh=mesh,
+    )
+    if jax.process_index() != 0:
+        return None
+    out = os.path.join(workdir, "samples", f"step_{step:07d}.png")
+    reference = None
+    if not is_image:
+        from diffusion_jax.data import toy
+
+        reference = toy.toy_split(config.data.name, "train")[0]
+    return write_samples(samples, out, is_image=is_image, data=reference)
+
+
+def _abstract_params(model, data_shape, conditional: bool, mesh) -> Any:
+    """The parameters' shapes, dtypes and (replicated) shardings, without allocating them."""
+    x = jnp.zeros((1, *data_shape), jnp.float32)
+    t = jnp.zeros((1,), jnp.int32)
+    kwargs = {"y": jnp.zeros((1,), jnp.int32)} if conditional else {}
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, t, **kwargs)["params"])
+    replicated = sharding.replicated(mesh)
+    return jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), shapes
+    )
+
+
+def parse_labels(text: str | None, num: int, num_classes: int | None) -> np.ndarray | None:
+    """``"0,1,2"`` -> labels repeated to ``num``; validated against ``num_classes`` on the host."""
+    if not text:
+        return None
+    if not num_classes:
+        raise ValueError("--labels given, but the model is not class-conditional.")
+    try:
+        values = np.array([int(v) for v in text.split(",") if v.strip()], np.int32)
+    except ValueError:
+        raise ValueError(f"--labels must be comma-separated integers, got {text!r}.") from None
+    if values.size == 0:
+        raise ValueError("--labels is empty.")
+    bad = values[(values < 0) | (values >= num_classes)]
+    if bad.size:
+        raise ValueError(
+            f"--labels {bad.tolist()} out of range: the model has classes 0..{num_classes - 1}."
+        )
+    return np.resize(values, num)
+
+
+def sample_from_workdir(
+    workdir: str,
+    *,
+    out: str,
+    num: int = 64,
+    batch_size: int | None = None,
+    method: str = "ddim",
+    steps: int | None = 50,
+    eta: float = 0.0,
+    seed: int = 0,
+    which: str = "ema",
+    checkpoint_step: int | None = None,
+    guidance: float | None = None,
+    labels: str | None = None,
+    individual: bool = False,
+    progress: bool = True,
+) -> dict[str, str]:
+    """``sample.py``'s job: restore a checkpoint's params and write samples to ``out``.
+
+    Only the chosen parameters are restored (no random initialisation, no optimiser state).
+
+    Returns:
+      The paths written, by kind (``grid``, ``npz``, ``images``).
+    """
+    from diffusion_jax import checkpoint as checkpoint_lib
+    from diffusion_jax import configuration, data
+
+    if which not in ("ema", "raw"):
+        raise ValueError(f"--params must be 'ema' or 'raw', got {which!r}.")
+    if method not in samplers.METHODS:
+        raise ValueError(f"Unknown --method {method!r}; expected one of {samplers.METHODS}.")
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    manager = checkpoint_lib.CheckpointManager(ckpt_dir)
+    available = manager.all_steps()
+    if not available:
+        raise FileNotFoundError(f"No checkpoint in {ckpt_dir}: train first with train.py.")
+    if checkpoint_step is not None and checkpoint_step not in available:
+        raise ValueError(f"No checkpoint at step {checkpoint_step}; available: {available}.")
+    config = ml_collections.ConfigDict(manager.read_config(checkpoint_step))
+    manager.close()
+    num_timesteps = config.diffusion.num_timesteps
+    steps = num_timesteps if steps is None else steps
+    if not 1 <= steps <= num_timesteps:
+        raise ValueError(
+            f"--steps must lie in [1, {num_timesteps}] (T of this model), got {steps}."
+        )
+    if num < 1:
+        raise ValueError(f"--num must be >= 1, got {num}.")
+
+    info = data.get_dataset_info(config.data.name, data_dir=config.data.data_dir or None)
+    is_image = info.kind == "image"
+    data_shape = tuple(info.shape)
+    if is_image and config.data.image_size:
+        data_shape = (config.data.image_size, config.data.image_size, data_shape[-1])
+    conditional = bool(config.model.class_conditional)
+    label_array = parse_labels(labels, num, info.num_classes if conditional else None)
+    if guidance is not None and label_array is None:
+        raise ValueError("--guidance needs --labels (classifier-free guidance is conditional).")
+    if conditional and label_array is None:
+        label_array = np.arange(num, dtype=np.int32) % info.num_classes
+
+    mesh = sharding.make_mesh()
+    batch_size = batch_size or min(num, 64)
+    batch_size = -(-batch_size // mesh.size) * mesh.size
+    model = configuration.build_model(config, data_shape, info.num_classes)
+    schedule = configuration.build_schedule(config)
+    abstract = _abstract_params(model, data_shape, conditional, mesh)
+    params = checkpoint_lib.restore_params(
+        ckpt_dir,
+        abstract,
+        which="ema_params" if which == "ema" else "params",
+        step=checkpoint_step,
+    )
+    samples = generate(
+        config,
+        model,
+        schedule,
+        params,
+        data_shape,
+        num=num,
+        batch_size=batch_size,
+        seed=seed,
+        method=method,
+        num_steps=steps,
+        eta=eta,
+        is_image=is_image,
+        labels=label_array,
+        null_label=info.num_classes,
+        guidance_scale=guidance,
+        mesh=mesh,
+        progress=progress and jax.process_index() == 0,
+    )
+    if jax.process_index() != 0:
+        return {}
+    os.makedirs(out, exist_ok=True)
+    written = {}
+    if is_image:
+        pixels = to_uint8(samples)
+        written["npz"] = os.path.join(out, "samples.npz")
+        extra = {} if label_array is None else {"labels": label_array}
+        np.savez_compressed(written["npz"], images=pixels, **extra)
+        written["grid"] = plots.save_image_grid(pixels, os.path.join(out, "grid.png"))
+        if individual:
+            from PIL import Image
+
+            folder = os.path.join(out, "images")
+            os.makedirs(folder, exist_ok=True)
+            for index, image in enumerate(pixels):
+                Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(
+                    os.path.join(folder, f"{index:05d}.png")
+                )
+            written["images"] = folder
+    else:
+        from diffusion_jax.data import toy
+
+        written["npz"] = os.path.join(out, "samples.npz")
+        np.savez_compressed(written["npz"], x=samples.astype(np.float32))
+        reference = (
+            toy.toy_split(config.data.name, "train")[0]
+            if config.data.name in (data.TOY_DATASETS)
+            else None
+        )
+        written["grid"] = plots.plot_points(samples, os.path.join(out, "scatter.png"), reference)
+    return written
