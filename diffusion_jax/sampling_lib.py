@@ -41,6 +41,15 @@ def _eval_model_fn(model):
     return make_model_fn(model, train=False)
 
 
+def _to_host(array: jax.Array) -> np.ndarray:
+    """The whole of a (possibly multi-process) sharded array, on every process's host."""
+    if array.is_fully_addressable:
+        return np.asarray(jax.device_get(array))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
 def _clip_option(config: ml_collections.ConfigDict, is_image: bool) -> Any:
     return bool(config.diffusion.clip_x0) and is_image
 
@@ -132,10 +141,13 @@ def generate(
             batch_labels = np.zeros((batch_size,), np.int32)
             part = labels[start : start + batch_size]
             batch_labels[: len(part)] = part
-            batch_labels = jax.device_put(batch_labels, out_sharding)
+            host_labels = batch_labels
+            batch_labels = jax.make_array_from_callback(
+                host_labels.shape, out_sharding, lambda index, a=host_labels: a[index]
+            )
         # first_index is a traced value: one compilation serves every batch.
         samples = draw(params, batch_labels, jnp.int32(start))
-        chunks.append(np.asarray(jax.device_get(samples))[: num - start])
+        chunks.append(_to_host(samples)[: num - start])
     return np.concatenate(chunks, axis=0)
 
 
@@ -155,6 +167,7 @@ def write_training_samples(
     data_shape: Sequence[int],
     workdir: str,
     step: int,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> str | None:
     """The trainer's periodic picture: ``workdir/samples/step_XXXXXXX.png`` from ``params``.
 
@@ -163,7 +176,7 @@ def write_training_samples(
     """
     t = config.train
     is_image = info.kind == "image"
-    mesh = sharding.make_mesh()
+    mesh = sharding.make_mesh() if mesh is None else mesh
     num = t.num_samples
     batch = -(-num // mesh.size) * mesh.size
     labels = None
@@ -278,9 +291,7 @@ def sample_from_workdir(
 
     info = data.get_dataset_info(config.data.name, data_dir=config.data.data_dir or None)
     is_image = info.kind == "image"
-    data_shape = tuple(info.shape)
-    if is_image and config.data.image_size:
-        data_shape = (config.data.image_size, config.data.image_size, data_shape[-1])
+    data_shape = info.element_shape(config.data.image_size or None)
     conditional = bool(config.model.class_conditional)
     label_array = parse_labels(labels, num, info.num_classes if conditional else None)
     if guidance is not None and label_array is None:

@@ -210,7 +210,7 @@ def make_train_step(
             )
             updates, opt_state = tx.update(grads, opt_state, params)
             params = optax.apply_updates(params, updates)
-            metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+            metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
             return (params, opt_state), metrics
 
         if accumulate == 1:
@@ -346,9 +346,7 @@ def train_and_evaluate(
     d, t = config.data, config.train
     data_dir = d.data_dir or None
     info = data.get_dataset_info(d.name, data_dir=data_dir)
-    data_shape = tuple(info.shape)
-    if info.kind == "image" and d.image_size:
-        data_shape = (d.image_size, d.image_size, data_shape[-1])
+    data_shape = info.element_shape(d.image_size or None)
     if d.batch_size % (mesh.size * config.optim.accumulate_steps):
         raise ValueError(
             f"config.data.batch_size = {d.batch_size} must be a multiple of the number of "
@@ -383,7 +381,7 @@ def train_and_evaluate(
     config_dict = configuration.config_to_dict(config)
     latest = ckpt.latest_step()
     if latest is not None:
-        saved = ckpt.read_config(latest)
+        saved = ckpt.read_config()
         if saved is not None and not allow_config_change:
             old, new = configuration.identity_dict(saved), configuration.identity_dict(config_dict)
             changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
@@ -455,7 +453,7 @@ def train_and_evaluate(
     def write_samples(step: int) -> None:
         if t.num_samples:
             sampling_lib.write_training_samples(
-                config, model, schedule, state.ema_params, info, data_shape, workdir, step
+                config, model, schedule, state.ema_params, info, data_shape, workdir, step, mesh
             )
 
     progress = None

@@ -1,0 +1,352 @@
+"""The trainer end to end: real loops on tiny models and data, resume, faults, devices.
+
+Mechanics run on a swiss-roll MLP (milliseconds a step); one test runs the U-Net on digits.
+Trained workdirs are shared between tests through module-scoped fixtures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import jax
+import numpy as np
+import pytest
+import trainer_helpers as h
+
+from diffusion_jax import checkpoint, configuration, train_lib
+from diffusion_jax import data as data_lib
+from diffusion_jax import metrics as metrics_lib
+
+
+@pytest.fixture(scope="module")
+def swiss_workdir(tmp_path_factory):
+    """A finished 40-step swiss-roll run (checkpoints at 20 and 40)."""
+    workdir = tmp_path_factory.mktemp("swiss") / "run"
+    train_lib.train_and_evaluate(h.swissroll(), str(workdir))
+    return workdir
+
+
+def test_swissroll_run_writes_everything(swiss_workdir):
+    records = metrics_lib.read_metrics(str(swiss_workdir))
+    train_steps = [r["step"] for r in records if "loss" in r]
+    assert train_steps == list(range(5, 41, 5))
+    for record in records:
+        if "loss" in record:
+            assert np.isfinite(record["loss"]) and record["steps_per_sec"] > 0
+            assert {"learning_rate", "grad_norm", "images_per_sec", "update_skipped"} <= set(record)
+    assert [r["step"] for r in records if "eval_loss" in r] == [20, 40]
+    assert sorted(os.listdir(swiss_workdir / "checkpoints")) == ["20", "40"]
+    assert (swiss_workdir / "samples" / "step_0000040.png").stat().st_size > 1000
+    assert any(name.startswith("events") for name in os.listdir(swiss_workdir / "tensorboard"))
+    saved = json.loads((swiss_workdir / "config.json").read_text())
+    assert saved["data"]["name"] == "swissroll"
+
+
+def test_digits_unet_end_to_end(tmp_path):
+    workdir = tmp_path / "digits"
+    state = train_lib.train_and_evaluate(h.digits(), str(workdir))
+    assert int(state.step) == 6
+    losses = h.losses_by_step(workdir)
+    assert sorted(losses) == [2, 4, 6] and all(np.isfinite(v) for v in losses.values())
+    from PIL import Image
+
+    with Image.open(workdir / "samples" / "step_0000006.png") as grid:
+        assert grid.size[0] >= 64 * 3  # 8 tiles of 8x8, upscaled to >= 64 px each
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "6"]
+
+
+def test_resume_continues_and_truncates_metrics(swiss_workdir, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(swiss_workdir, workdir)
+    # A line logged after the last checkpoint by a run that then died must not survive.
+    with open(workdir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 45, "loss": 123.0}) + "\n")
+        f.write('{"step": 50, "lo')  # torn by the kill
+    metrics_lib.truncate_metrics(str(workdir), 40)
+    assert max(h.losses_by_step(workdir)) == 40
+    state = train_lib.train_and_evaluate(h.swissroll(train__num_steps=50), str(workdir))
+    assert int(state.step) == 50
+    steps = [r["step"] for r in metrics_lib.read_metrics(str(workdir)) if "loss" in r]
+    assert steps == sorted(set(steps)) and steps[-1] == 50
+
+
+def test_changed_config_is_refused_unless_allowed(swiss_workdir, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(swiss_workdir, workdir)
+    with pytest.raises(ValueError, match=r"optim\.lr"):
+        train_lib.train_and_evaluate(h.swissroll(optim__lr=5e-3), str(workdir))
+    state = train_lib.train_and_evaluate(
+        h.swissroll(optim__lr=5e-3, train__num_steps=45), str(workdir), allow_config_change=True
+    )
+    assert int(state.step) == 45
+
+
+def test_corrupt_newest_checkpoint_falls_back(swiss_workdir, tmp_path, caplog):
+    workdir = tmp_path / "run"
+    shutil.copytree(swiss_workdir, workdir)
+    state_dir = workdir / "checkpoints" / "40" / "state"
+    for root, _, files in os.walk(state_dir):
+        for name in files:
+            path = os.path.join(root, name)
+            if os.path.getsize(path) > 64 and "_METADATA" not in name:
+                with open(path, "r+b") as f:
+                    f.seek(os.path.getsize(path) // 2)
+                    f.write(b"\x00garbage\x00" * 4)
+    state = train_lib.train_and_evaluate(h.swissroll(), str(workdir))
+    assert int(state.step) == 40  # resumed from 20, trained 20 more
+    reference = h.final_params(swiss_workdir)
+    h.assert_trees_equal(jax.tree.map(np.asarray, state.params), reference)
+
+
+def _inject_nan(monkeypatch, bad_steps):
+    """Makes the training iterator yield NaN points at the given (1-based) steps."""
+    real = data_lib.create_iterator
+
+    def create_iterator(name, *, split, **kwargs):
+        iterator = real(name, split=split, **kwargs)
+        if split != "train":
+            return iterator
+        counter = {"step": 0}
+
+        class Poisoned:
+            def __next__(self):
+                batch = dict(next(iterator))
+                counter["step"] += 1
+                if counter["step"] in bad_steps:
+                    batch["x"] = np.full_like(batch["x"], np.nan)
+                return batch
+
+            def __iter__(self):
+                return self
+
+            def get_state(self):
+                return iterator.get_state()
+
+            def set_state(self, state):
+                counter["step"] = 0
+                iterator.set_state(state)
+
+        return Poisoned()
+
+    monkeypatch.setattr(train_lib.data, "create_iterator", create_iterator)
+
+
+def test_nan_update_is_skipped_and_counted(monkeypatch, tmp_path):
+    _inject_nan(monkeypatch, bad_steps={7})
+    workdir = tmp_path / "run"
+    state = train_lib.train_and_evaluate(
+        h.swissroll(train__num_steps=10, train__log_every=1), str(workdir)
+    )
+    records = {r["step"]: r for r in metrics_lib.read_metrics(str(workdir)) if "loss" in r}
+    assert records[7]["update_skipped"] == 1 and records[6]["update_skipped"] == 0
+    assert records[7]["loss"] == "nan"
+    assert records[10]["nonfinite_total"] == 1 and records[10]["nonfinite_consecutive"] == 0
+    for leaf in jax.tree.leaves((state.params, state.ema_params)):
+        assert np.all(np.isfinite(np.asarray(leaf)))
+
+
+def test_persistent_nans_stop_the_run_and_are_never_saved(monkeypatch, tmp_path):
+    _inject_nan(monkeypatch, bad_steps=set(range(4, 100)))
+    workdir = tmp_path / "run"
+    config = h.swissroll(
+        train__num_steps=30, train__checkpoint_every=2, train__max_nonfinite_steps=5
+    )
+    with pytest.raises(train_lib.NonFiniteError, match="5 consecutive steps"):
+        train_lib.train_and_evaluate(config, str(workdir))
+    manager = checkpoint.CheckpointManager(str(workdir / "checkpoints"))
+    assert manager.latest_step() is not None and manager.latest_step() <= 8
+    for step in manager.all_steps():
+        params = checkpoint.restore_params(str(workdir / "checkpoints"), None, step=step)
+        assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(params))
+    manager.close()
+
+
+def test_one_and_eight_devices_give_the_same_losses(tmp_path):
+    config = h.swissroll(train__num_steps=10, train__log_every=1, train__eval_every=0)
+    one = train_lib.train_and_evaluate(config, str(tmp_path / "one"), devices=jax.devices()[:1])
+    eight = train_lib.train_and_evaluate(config, str(tmp_path / "eight"))
+    assert len(jax.devices()) == 8
+    losses_one, losses_eight = (
+        h.losses_by_step(tmp_path / "one"),
+        h.losses_by_step(tmp_path / "eight"),
+    )
+    assert sorted(losses_one) == list(range(1, 11))
+    # Same global batch and draws; only the order of float reductions differs.
+    np.testing.assert_allclose(
+        [losses_one[s] for s in range(1, 11)], [losses_eight[s] for s in range(1, 11)], rtol=2e-5
+    )
+    for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(eight.params), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def test_gradient_accumulation_counts_optimiser_steps(tmp_path):
+    config = h.swissroll(train__num_steps=6, optim__accumulate_steps=2, train__eval_every=0)
+    state = train_lib.train_and_evaluate(config, str(tmp_path / "run"))
+    import optax
+
+    assert int(optax.tree_utils.tree_get(state.opt_state, "gradient_step")) == 6
+    assert int(state.step) == 6
+
+
+def test_vlb_with_loss_aware_timesteps_runs(tmp_path):
+    config = h.swissroll(
+        train__num_steps=6,
+        diffusion__loss_type="vlb",
+        diffusion__timestep_sampler="loss_second_moment",
+        train__eval_every=0,
+    )
+    state = train_lib.train_and_evaluate(config, str(tmp_path / "run"))
+    counts, history = np.asarray(state.loss_counts), np.asarray(state.loss_history)
+    assert 0 < counts.sum() <= 6 * 64 and counts.max() <= train_lib.HISTORY
+    # Every recorded loss sits in its row's first `count` slots, and nothing else does.
+    assert ((history != 0).sum(axis=1) == counts).all()
+
+
+def test_loss_history_and_importance_probabilities():
+    num_timesteps = 4
+    state = train_lib.TrainState(
+        step=0,
+        params={},
+        ema_params={},
+        opt_state=(),
+        loss_history=jax.numpy.zeros((num_timesteps, train_lib.HISTORY)),
+        loss_counts=jax.numpy.zeros((num_timesteps,), jax.numpy.int32),
+    )
+    np.testing.assert_allclose(train_lib._timestep_probs(state), np.full(4, 0.25))
+    rng = np.random.default_rng(0)
+    history = np.zeros((num_timesteps, train_lib.HISTORY))
+    counts = np.zeros(num_timesteps, int)
+    for _ in range(8):
+        t = rng.integers(0, num_timesteps, 16)
+        loss = rng.uniform(0.5, 2.0, 16) * (t + 1)
+        state = train_lib._record_losses(state, jax.numpy.asarray(t), jax.numpy.asarray(loss))
+        for ti, li in zip(t, loss, strict=True):  # reference: keep the last HISTORY losses
+            if counts[ti] < train_lib.HISTORY:
+                history[ti, counts[ti]] = li
+                counts[ti] += 1
+            else:
+                history[ti] = np.append(history[ti, 1:], li)
+    np.testing.assert_allclose(np.asarray(state.loss_history), history, rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(state.loss_counts), counts)
+    assert counts.min() == train_lib.HISTORY
+    weights = np.sqrt((history**2).mean(axis=1))
+    expected = weights / weights.sum() * (1 - 1e-3) + 1e-3 / num_timesteps
+    np.testing.assert_allclose(train_lib._timestep_probs(state), expected, rtol=1e-5)
+
+
+def test_init_from_starts_from_another_runs_params(swiss_workdir, tmp_path):
+    config = h.swissroll(
+        train__init_from=str(swiss_workdir),
+        train__num_steps=1,
+        optim__lr=1e-30,
+        optim__warmup_steps=0,
+    )
+    state = train_lib.train_and_evaluate(config, str(tmp_path / "finetune"))
+    source = h.final_params(swiss_workdir)
+    h.assert_trees_equal(jax.tree.map(np.asarray, state.params), source)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"diffusion__schedule": "cubic"}, "diffusion.schedule"),
+        ({"diffusion__loss_type": "hybrid"}, "learned_range"),
+        ({"optim__lr": -1.0}, "optim.lr"),
+        ({"optim__ema_decay": 1.5}, "ema_decay"),
+        ({"train__sample_steps": 500}, "sample_steps"),
+        ({"data__batch_size": 60}, "multiple of the number of devices"),
+        ({"diffusion__p_uncond": 0.1}, "class_conditional"),
+        ({"model__name": "transformer"}, "model.name"),
+    ],
+)
+def test_bad_config_values_fail_before_training(overrides, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        train_lib.train_and_evaluate(h.swissroll(**overrides), str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_unknown_config_key_is_rejected():
+    config = h.swissroll()
+    config.train.num_stepz = 3
+    with pytest.raises(ValueError, match=r"train\.num_stepz"):
+        configuration.validate_config(config)
+
+
+def test_missing_dataset_fails_at_once(tmp_path):
+    config = h.swissroll(data__name="cifar10", data__data_dir=str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError, match="prepare cifar10"):
+        train_lib.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+KILL_RUN = dict(
+    h.TINY_SWISSROLL,
+    **{
+        "train.num_steps": 400,
+        "train.checkpoint_every": 100,
+        "train.log_every": 10,
+        "train.eval_every": 0,
+        "train.num_samples": 8,
+    },
+)
+
+
+def _wait_for(path, process, timeout=240.0):
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if process.poll() is not None:
+            raise AssertionError(f"run ended before {path} appeared:\n{process.stderr.read()}")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"{path} did not appear within {timeout} s")
+        time.sleep(0.05)
+
+
+def test_sigkill_then_resume_is_bit_exact(tmp_path):
+    reference = tmp_path / "reference"
+    config = h.apply_overrides(h.swissroll(), KILL_RUN)
+    train_lib.train_and_evaluate(config, str(reference))
+
+    workdir = tmp_path / "killed"
+    command = h.train_command("swissroll.py", workdir, h.flag_overrides(KILL_RUN))
+    process = subprocess.Popen(
+        command, cwd=h.REPO, env=h.subprocess_env(), stderr=subprocess.PIPE, text=True
+    )
+    _wait_for(workdir / "checkpoints" / "200", process)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    assert max(h.losses_by_step(workdir)) < 400, "the kill came too late to test anything"
+
+    resumed = h.run(command)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert h.losses_by_step(workdir) == h.losses_by_step(reference)
+    h.assert_trees_equal(h.final_params(workdir), h.final_params(reference))
+    h.assert_trees_equal(
+        h.final_params(workdir, "ema_params"), h.final_params(reference, "ema_params")
+    )
+
+
+def test_sigterm_checkpoints_and_stops(tmp_path):
+    workdir = tmp_path / "run"
+    flags = h.flag_overrides(KILL_RUN, **{"train.num_steps": 100_000, "train.checkpoint_every": 50})
+    process = subprocess.Popen(
+        h.train_command("swissroll.py", workdir, flags),
+        cwd=h.REPO,
+        env=h.subprocess_env(),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _wait_for(workdir / "checkpoints" / "50", process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-3000:]
+    assert "checkpoint saved at step" in stderr
+    manager = checkpoint.CheckpointManager(str(workdir / "checkpoints"))
+    latest = manager.latest_step()
+    manager.close()
+    assert 50 <= latest < 100_000
+    assert max(h.losses_by_step(workdir)) <= latest
