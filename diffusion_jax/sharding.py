@@ -110,8 +110,9 @@ def initialize_distributed(
         for name in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES")
     ):
         return False
-    if cpu_collectives or (coordinator_address and jax.config.jax_platforms == "cpu"):
-        jax.config.update("jax_cpu_collectives_implementation", cpu_collectives or "gloo")
+    # Only the CPU backend reads this; GPUs and TPUs keep their own collectives. Without it,
+    # CPU processes cannot exchange data at all.
+    jax.config.update("jax_cpu_collectives_implementation", cpu_collectives or "gloo")
     jax.distributed.initialize(**kwargs)
     logging.info(
         "jax.distributed: process %d of %d, %d local / %d global devices",

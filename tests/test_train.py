@@ -350,3 +350,59 @@ def test_sigterm_checkpoints_and_stops(tmp_path):
     manager.close()
     assert 50 <= latest < 100_000
     assert max(h.losses_by_step(workdir)) <= latest
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_processes_train_like_one(tmp_path):
+    """Two processes on localhost (jax.distributed over gloo, 2 CPU devices each) read their
+    halves of each global batch and give the losses of a single-process run."""
+    run = dict(h.TINY_SWISSROLL, **{"train.num_steps": 10, "train.log_every": 1})
+    run["train.eval_every"] = 0
+    reference = tmp_path / "reference"
+    train_lib.train_and_evaluate(h.apply_overrides(h.swissroll(), run), str(reference))
+
+    workdir = tmp_path / "distributed"
+    address = f"127.0.0.1:{_free_port()}"
+    processes = []
+    for process_id in range(2):
+        command = h.train_command("swissroll.py", workdir, h.flag_overrides(run)) + [
+            f"--coordinator_address={address}",
+            "--num_processes=2",
+            f"--process_id={process_id}",
+        ]
+        processes.append(
+            subprocess.Popen(
+                command,
+                cwd=h.REPO,
+                env=h.subprocess_env(devices=2),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    for process in processes:
+        try:
+            _, stderr = process.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            for p in processes:
+                p.kill()
+            raise
+        assert process.returncode == 0, stderr[-3000:]
+    distributed, single = h.losses_by_step(workdir), h.losses_by_step(reference)
+    assert sorted(distributed) == list(range(1, 11))
+    np.testing.assert_allclose(
+        [distributed[s] for s in range(1, 11)], [single[s] for s in range(1, 11)], rtol=2e-5
+    )
+    for a, b in zip(
+        jax.tree.leaves(h.final_params(workdir)),
+        jax.tree.leaves(h.final_params(reference)),
+        strict=True,
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
