@@ -123,7 +123,8 @@ def q_mean_variance(
     _check_t(x0, t, "x0")
     nd = jnp.ndim(x0)
     mean = extract(schedule.sqrt_alphas_cumprod, t, nd) * x0
-    variance = 1.0 - extract(schedule.alphas_cumprod, t, nd)
+    # Not 1 - abar in float32: that loses 2e-4 relative at t = 0.
+    variance = extract(schedule.sqrt_one_minus_alphas_cumprod, t, nd) ** 2
     log_variance = extract(schedule.log_one_minus_alphas_cumprod, t, nd)
     return mean, variance, log_variance
 
@@ -476,13 +477,19 @@ def ddim_step(
     nd = jnp.ndim(x_t)
     pred_x0 = clip_pred_x0(_predict_x0(schedule, out, x_t, t, parameterization), clip_x0)
     eps = predict_eps_from_x0(schedule, x_t, t, pred_x0)
+    # 1 - abar comes from the float64-built tables, never from a float32 subtraction, which
+    # loses up to 5e-4 relative at small t where abar is close to 1.
     abar_t = extract(schedule.alphas_cumprod, t, nd)
+    one_minus_abar_t = extract(schedule.sqrt_one_minus_alphas_cumprod, t, nd) ** 2
     # t_prev = -1 must not index the table: -1 would wrap to T-1 under jit.
-    abar_prev = jnp.where(
-        (t_prev >= 0).reshape(abar_t.shape),
-        extract(schedule.alphas_cumprod, jnp.maximum(t_prev, 0), nd),
-        1.0,
+    has_prev = (t_prev >= 0).reshape(abar_t.shape)
+    safe_prev = jnp.maximum(t_prev, 0)
+    abar_prev = jnp.where(has_prev, extract(schedule.alphas_cumprod, safe_prev, nd), 1.0)
+    one_minus_abar_prev = jnp.where(
+        has_prev, extract(schedule.sqrt_one_minus_alphas_cumprod, safe_prev, nd) ** 2, 0.0
     )
-    sigma = eta * jnp.sqrt((1.0 - abar_prev) / (1.0 - abar_t)) * jnp.sqrt(1.0 - abar_t / abar_prev)
-    direction = jnp.sqrt(jnp.maximum(1.0 - abar_prev - sigma**2, 0.0)) * eps
-    return jnp.sqrt(abar_prev) * pred_x0 + direction + sigma * noise
+    # abar_prev - abar_t, taken from whichever pair is small (and so precise).
+    abar_drop = jnp.where(abar_t > 0.5, one_minus_abar_t - one_minus_abar_prev, abar_prev - abar_t)
+    sigma_sq = (eta**2) * (one_minus_abar_prev / one_minus_abar_t) * (abar_drop / abar_prev)
+    direction = jnp.sqrt(jnp.maximum(one_minus_abar_prev - sigma_sq, 0.0)) * eps
+    return jnp.sqrt(abar_prev) * pred_x0 + direction + jnp.sqrt(sigma_sq) * noise

@@ -95,9 +95,9 @@ def discretized_gaussian_log_likelihood(
     lower = inv_stdv * (centered - half_bin)
     log_cdf_upper = log_ndtr(upper)
     log_one_minus_cdf_lower = log_ndtr(-lower)
-    # ndtr(upper) - ndtr(lower) loses everything in the far tails; there both logs above are
-    # the better answer and the middle branch is not selected.
-    cdf_delta = ndtr(upper) - ndtr(lower)
+    # A bin's mass as a difference of CDFs cancels in the tail it lies in: take it from the
+    # lower tail below the mean and from the upper tail above it.
+    cdf_delta = jnp.where(lower > 0, ndtr(-lower) - ndtr(-upper), ndtr(upper) - ndtr(lower))
     log_cdf_delta = jnp.log(jnp.maximum(cdf_delta, 1e-12))
     edge = 0.5 * half_bin
     return jnp.where(

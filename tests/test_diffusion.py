@@ -12,9 +12,9 @@ variances within 1e-5 relative (exactly 0 where the reference is 0); log-varianc
 1e-5 (|want| + 1). Recovering x_0 from eps divides by sqrt(abar_t) (abar_{T-1} = 2.4e-9 for
 cosine), so it is also allowed 1e-6 (|x_t| + |eps|) / sqrt(abar_t); recovering eps from x_0
 likewise 1e-6 (|x_t| + |x_0|) / sqrt(1 - abar_t); what depends on them inherits the allowance
-times its coefficient. Two quantities that the implementation forms as 1 - abar in float32 get
-an explicit, documented allowance (q_mean_variance's variance: 1e-7 absolute; ddim_step:
-``DDIM_CANCELLATION``); a strict xfail test for each pins the precision float32 can reach.
+times its coefficient. Quantities near 1 - abar are taken from the float64-built tables, so
+q_mean_variance's variance and ddim_step at small t are held to float32 precision (dedicated
+tests below; ``DDIM_CANCELLATION`` is the allowance for a float32 subtraction, now 0).
 
 Properties (hypothesis): empirical mean and variance of ``q_sample`` over 100k draws within
 5 standard errors; x_0 <-> eps <-> v round trips. Also: compile once per shape
@@ -125,15 +125,6 @@ def test_q_mean_variance(name, shape):
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "bug: diffusion.q_mean_variance (diffusion.py:126) computes the variance as "
-        "1 - alphas_cumprod in float32, losing relative precision at small t "
-        "(1.7e-4 relative at t=0 for linear, inconsistent with its own log_variance); "
-        "exp(log_one_minus_alphas_cumprod) or sqrt_one_minus_alphas_cumprod**2 keeps ~1e-7"
-    ),
-)
 @pytest.mark.parametrize("name", NAMES)
 def test_q_mean_variance_variance_is_relatively_precise(name):
     schedule, tab = schedule_pair(name)
@@ -274,13 +265,10 @@ def test_p_sample(name, parameterization, variance, shape):
     assert not np.allclose(got[1:], mean[1:])
 
 
-# ddim_step forms 1 - abar_prev, 1 - abar_t and 1 - abar_t / abar_prev by subtraction from
-# float32 abar (about 6e-8 absolute error each, 1e-4 .. 1e-3 relative near t = 0), then takes
-# square roots of them. That error reaches the output as
-# ~1e-7 (|eps| + |noise|) / sqrt(1 - abar_prev).
-# It is allowed here so the tests below check the algebra; test_ddim_step_precision_at_small_t
-# (xfail, a bug) pins the precision a float32 implementation can reach (<= 3e-7 relative).
-DDIM_CANCELLATION = 1e-6
+# Extra absolute error allowed per unit of (|eps| + |noise|) / sqrt(1 - abar_prev) for forming
+# 1 - abar by float32 subtraction. ddim_step takes these from the float64-built tables, so none
+# is allowed; test_ddim_step_precision_at_small_t pins <= 3e-7 relative near t = 0.
+DDIM_CANCELLATION = 0.0
 
 
 def ddim_allowance(tab, t, t_prev, x_t, out, noise, parameterization, clip_x0, cancellation):
@@ -331,13 +319,6 @@ def test_ddim_step_any_t_prev(name, parameterization, eta, shape):
         data_close(got, want, extra, f"ddim x_prev (clip_x0={clip_x0})")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: diffusion.ddim_step computes 1 - abar_prev, 1 - abar_t and 1 - abar_t/abar_prev "
-    "by float32 subtraction (diffusion.py:486-487, sigma and direction) instead of from the "
-    "stored sqrt_one_minus_alphas_cumprod table: 1e-4..5e-4 relative error at t=1 -> 0, where "
-    "float32 can reach 3e-7",
-)
 def test_ddim_step_precision_at_small_t():
     for name in NAMES:
         schedule, tab = schedule_pair(name)
