@@ -1,0 +1,334 @@
+"""Tests of the U-Net, the shared layers and the model glue (``make_model_fn``, ``get_model``).
+
+Kept fast on 2 CPU cores: tiny networks (ch=8, GroupNorm(4), 8x8 inputs); shapes and parameter
+counts through ``jax.eval_shape`` (no compilation); parameters drawn on the host with NumPy
+instead of a compiled ``init``. The drawn parameters are generic (no zero-initialised output
+layer), so outputs, label effects and gradients are non-trivial.
+"""
+
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffusion_jax import diffusion, losses, schedules
+from diffusion_jax.models import UNet, get_model, make_model_fn, timestep_embedding
+from diffusion_jax.models.layers import avg_pool_2x, upsample_nearest_2x
+
+TINY = dict(
+    ch=8,
+    ch_mult=(1, 2),
+    num_res_blocks=1,
+    attn_resolutions=(4,),
+    dropout=0.0,
+    out_channels=3,
+    num_groups=4,
+)
+
+
+def rbg_key(seed):
+    """A key for compiled tests: XLA:CPU compiles rbg's generator ~2x faster than threefry's."""
+    return jax.random.key(seed, impl="rbg")
+
+
+def random_params(model, *args, seed=0, **kwargs):
+    """Generic parameters for ``model`` drawn on the host: no XLA compile of ``init``."""
+    shapes = jax.eval_shape(model.init, jax.random.key(0), *args, **kwargs)["params"]
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        values = rng.standard_normal(leaf.shape)
+        name = path[-1].key
+        if name == "scale":
+            values = 1.0 + 0.1 * values
+        elif name == "bias":
+            values = 0.1 * values
+        elif name == "kernel":
+            values = values / math.sqrt(math.prod(leaf.shape[:-1]))
+        return jnp.asarray(values, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def inputs(batch=2, size=8, channels=3, seed=0):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((batch, size, size, channels)), jnp.float32)
+    t = jnp.asarray(rng.integers(0, 1000, batch), jnp.int32)
+    return x, t
+
+
+def count(tree):
+    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
+
+
+# ---------------------------------------------------------------------------------- layers
+
+
+def test_timestep_embedding_matches_float64_reference():
+    t = np.array([0, 1, 17, 999])
+    dim = 10
+    half = dim // 2
+    freqs = np.exp(-np.log(10000.0) * np.arange(half) / (half - 1))
+    args = t[:, None].astype(np.float64) * freqs[None]
+    expected = np.concatenate([np.sin(args), np.cos(args)], axis=1)
+    got = timestep_embedding(jnp.asarray(t, jnp.int32), dim)
+    assert got.dtype == jnp.float32
+    # float32 arguments up to 999 rad: absolute error ~ 999 * 2**-24 per unit of frequency.
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    assert timestep_embedding(jnp.array([3]), 7).shape == (1, 7)
+
+
+def test_resampling_matches_reference_ops():
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 4, 6, 3)), jnp.float32)
+    resized = jax.image.resize(x, (2, 8, 12, 3), "nearest")
+    np.testing.assert_array_equal(upsample_nearest_2x(x), resized)
+    expected = x.reshape(2, 2, 2, 3, 2, 3).mean(axis=(2, 4))
+    np.testing.assert_allclose(avg_pool_2x(x), expected, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------- shapes
+
+
+@pytest.mark.parametrize(
+    "overrides, input_shape, out_channels",
+    [
+        ({}, (2, 8, 8, 3), 3),
+        ({"out_channels": 6}, (2, 8, 8, 3), 6),  # learned variance: 2C
+        ({"ch_mult": (1, 2, 2), "attn_resolutions": (8,)}, (3, 16, 16, 1), 3),
+        ({}, (2, 16, 8, 3), 3),  # non-square
+        ({"num_res_blocks": 2, "num_heads": 2, "use_scale_shift_norm": True}, (2, 8, 8, 3), 3),
+        ({"resblock_updown": True}, (2, 8, 8, 3), 3),
+        ({"conv_resample": False, "attn_resolutions": ()}, (2, 8, 8, 3), 3),
+        ({"dtype": jnp.bfloat16}, (2, 8, 8, 3), 3),
+        ({"remat": True}, (2, 8, 8, 3), 3),
+    ],
+)
+def test_output_shapes(overrides, input_shape, out_channels):
+    model = UNet(**{**TINY, **overrides})
+    x = jax.ShapeDtypeStruct(input_shape, jnp.float32)
+    t = jax.ShapeDtypeStruct(input_shape[:1], jnp.int32)
+    variables = jax.eval_shape(model.init, jax.random.key(0), x, t)
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(variables))
+    out = jax.eval_shape(model.apply, variables, x, t)
+    assert out.shape == (*input_shape[:3], out_channels)
+    assert out.dtype == jnp.float32
+
+
+def test_class_conditional_output_shape():
+    model = UNet(**TINY, num_classes=5)
+    x, t = inputs()
+    variables = jax.eval_shape(model.init, jax.random.key(0), x, t, jnp.array([0, 5]))
+    assert variables["params"]["label_embed"]["embedding"].shape == (6, 4 * TINY["ch"])
+    assert jax.eval_shape(model.apply, variables, x, t, jnp.array([1, 5])).shape == x.shape
+
+
+def test_cifar10_ddpm_parameter_count():
+    model = UNet(
+        ch=128,
+        ch_mult=(1, 2, 2, 2),
+        num_res_blocks=2,
+        attn_resolutions=(16,),
+        dropout=0.1,
+        out_channels=3,
+    )
+    x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+    t = jax.ShapeDtypeStruct((1,), jnp.int32)
+    params = jax.eval_shape(model.init, jax.random.key(0), x, t)["params"]
+    # Ho et al. (2020) report 35.7M; the reference code's network has exactly 35,746,307.
+    assert count(params) == 35_746_307
+    assert abs(count(params) - 35.7e6) < 0.1e6
+    attention = sorted(name for name in params if "attn" in name)
+    assert attention == ["down1_attn0", "down1_attn1", "mid_attn"] + [
+        f"up1_attn{i}" for i in range(3)
+    ]
+
+
+# ---------------------------------------------------------------------------------- numerics
+
+# The smallest network for the compile-heavy tests (gradients, init): one level and no
+# ResNet block on the way down, so the middle (ResNet, attention, ResNet) and one up-block.
+# XLA:CPU compiles GroupNorm backward passes slowly (~0.25 s each), so size matters here.
+SMALL = {**TINY, "ch_mult": (1,), "num_res_blocks": 0, "attn_resolutions": ()}
+
+
+@pytest.fixture(scope="module")
+def conditional():
+    """A class-conditional network with dropout, generic parameters and a jitted apply."""
+    model = UNet(**{**TINY, "dropout": 0.5}, num_classes=3)
+    x, t = inputs()
+    variables = {"params": random_params(model, x, t, jnp.array([0, 0]))}
+    apply = jax.jit(model.apply, static_argnames="train")
+    return model, variables, apply
+
+
+def test_init_is_float32_and_starts_at_zero_output():
+    # A real (compiled) init.
+    model = UNet(**SMALL, dtype=jnp.bfloat16)
+    x, t = inputs()
+    variables = jax.jit(model.init)(rbg_key(0), x, t)
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(variables))
+    # DDPM initialises the last layer of every residual branch and the output conv at zero.
+    np.testing.assert_array_equal(jax.jit(model.apply)(variables, x, t), 0.0)
+
+
+def test_deterministic(conditional):
+    _, variables, apply = conditional
+    x, t = inputs()
+    y = jnp.array([0, 1])
+    out = apply(variables, x, t, y)
+    np.testing.assert_array_equal(apply(variables, x, t, y), out)
+    assert float(jnp.std(out)) > 0.1  # generic parameters give a non-trivial output
+
+
+def test_dropout_only_in_training_with_a_key(conditional):
+    model, variables, apply = conditional
+    x, t = inputs()
+    y = jnp.array([0, 1])
+    key1, key2 = rbg_key(1), rbg_key(2)
+    eval_out = apply(variables, x, t, y)
+    # train=False ignores a dropout key.
+    np.testing.assert_array_equal(apply(variables, x, t, y, rngs={"dropout": key1}), eval_out)
+    train1 = apply(variables, x, t, y, train=True, rngs={"dropout": key1})
+    np.testing.assert_array_equal(
+        apply(variables, x, t, y, train=True, rngs={"dropout": key1}), train1
+    )
+    train2 = apply(variables, x, t, y, train=True, rngs={"dropout": key2})
+    assert not np.allclose(train1, eval_out)
+    assert not np.allclose(train1, train2)
+    with pytest.raises(ValueError, match=r"rngs=\{'dropout': key\}"):
+        jax.eval_shape(lambda: model.apply(variables, x, t, y, train=True))
+    # Without dropout, training needs no key (and then equals evaluation, by construction).
+    jax.eval_shape(lambda: model.clone(dropout=0.0).apply(variables, x, t, y, train=True))
+
+
+def test_bfloat16_forward_is_finite_and_close_to_float32(conditional):
+    model, variables, apply = conditional
+    x, t = inputs()
+    y = jnp.array([0, 3])
+    out32 = apply(variables, x, t, y)
+    out16 = jax.jit(model.clone(dtype=jnp.bfloat16).apply)(variables, x, t, y)
+    assert out16.dtype == jnp.float32
+    assert bool(jnp.all(jnp.isfinite(out16)))
+    # bf16 keeps 8 mantissa bits (relative rounding 2**-9 ~ 0.2%) through ~20 layers: allow
+    # an error of 5% of the output's RMS at worst and 1.5% on average.
+    rms = float(jnp.sqrt(jnp.mean(out32**2)))
+    error = jnp.abs(out16 - out32)
+    assert float(jnp.max(error)) < 0.05 * rms
+    assert float(jnp.mean(error)) < 0.015 * rms
+
+
+def test_class_conditioning_and_null_label(conditional):
+    model, variables, apply = conditional
+    x, t = inputs()
+    conditional_out = apply(variables, x, t, jnp.array([0, 1]))
+    mixed = apply(variables, x, t, jnp.array([0, 3]))  # example 1 takes the null label
+    np.testing.assert_array_equal(mixed[0], conditional_out[0])  # labels act per example
+    assert not np.allclose(mixed[1], conditional_out[1])
+    # An out-of-range label cannot raise under jit; it poisons its own example with NaN.
+    bad = apply(variables, x, t, jnp.array([0, 4]))
+    assert bool(jnp.all(jnp.isnan(bad[1]))) and bool(jnp.all(jnp.isfinite(bad[0])))
+    with pytest.raises(ValueError, match="null label"):
+        jax.eval_shape(lambda: model.apply(variables, x, t))
+    with pytest.raises(ValueError, match="unconditional"):
+        jax.eval_shape(lambda: UNet(**TINY).apply(variables, x, t, jnp.array([0, 1])))
+
+
+def test_remat_gives_same_output_and_gradients():
+    config = {**SMALL, "dropout": 0.3, "use_scale_shift_norm": True}
+    model, remat_model = UNet(**config), UNet(**config, remat=True)
+    x, t = inputs()
+    params = random_params(model, x, t)
+    assert jax.tree.structure(params) == jax.tree.structure(random_params(remat_model, x, t))
+    rngs = {"dropout": rbg_key(3)}
+
+    def value_and_grads(model):
+        def loss(params, x):
+            out = model.apply({"params": params}, x, t, train=True, rngs=rngs)
+            return jnp.mean(out**2)
+
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x)
+
+    value, grads = value_and_grads(model)
+    remat_value, remat_grads = value_and_grads(remat_model)
+    np.testing.assert_allclose(remat_value, value, rtol=1e-5)
+    chex.assert_trees_all_close(remat_grads, grads, rtol=1e-4, atol=1e-6)
+    assert float(jnp.max(jnp.abs(grads[1]))) > 0
+
+
+def test_clear_errors():
+    def init(model, x, t):  # traces only: the checks run before any compilation
+        return jax.eval_shape(model.init, jax.random.key(0), x, t)
+
+    x, t = inputs(size=10)
+    three_levels = UNet(**{**TINY, "ch_mult": (1, 2, 2)})
+    with pytest.raises(ValueError, match=r"divisible by 2\*\*\(len\(ch_mult\) - 1\) = 4.*10x10"):
+        init(three_levels, x, t)
+    x, t = inputs()
+    with pytest.raises(ValueError, match=r"num_groups=4.*counts \[6\]"):
+        init(UNet(**{**TINY, "ch": 6}), x, t)
+    with pytest.raises(ValueError, match="num_heads=3"):
+        init(UNet(**TINY, num_heads=3), x, t)
+    with pytest.raises(ValueError, match=r"t must have shape \[B\]"):
+        init(UNet(**TINY), x, t[:1])
+    with pytest.raises(ValueError, match=r"\[B, H, W, C\]"):
+        init(UNet(**TINY), x[0], t)
+
+
+# ---------------------------------------------------------------------------------- glue
+
+
+def test_make_model_fn_drives_the_core_loss_and_a_reverse_step():
+    schedule = schedules.get_schedule("linear", num_timesteps=100)
+    model = UNet(**{**SMALL, "dropout": 0.1, "out_channels": 6}, num_classes=2)
+    x0, _ = inputs(batch=4, seed=1)
+    x0 = jnp.tanh(x0)
+    labels = jnp.array([0, 1, 2, 1], jnp.int32)  # 2 is the null label
+    params = random_params(model, x0, jnp.zeros(4, jnp.int32), labels)
+    train_fn = make_model_fn(model, train=True)
+    sample_fn = make_model_fn(model, train=False)
+
+    @jax.jit
+    @jax.value_and_grad
+    def loss_and_grads(params, key):
+        loss_key, dropout_key = jax.random.split(key)
+        loss, _ = losses.training_loss(
+            train_fn,
+            params,
+            schedule,
+            x0,
+            loss_key,
+            variance="learned_range",
+            loss_type="hybrid",
+            model_kwargs={"y": labels, "rngs": {"dropout": dropout_key}},
+        )
+        return loss
+
+    key = rbg_key(0)
+    loss, grads = loss_and_grads(params, key)
+    assert np.isfinite(float(loss))
+    step = jax.tree.map(lambda p, g: p - 1e-3 * g, params, grads)
+    assert float(loss_and_grads(step, key)[0]) < float(loss)  # a small step lowers the loss
+
+    @jax.jit
+    def reverse_step(params, x_t, t, noise):
+        output = sample_fn(params, x_t, t, y=labels)
+        return diffusion.p_sample(schedule, output, x_t, t, noise, variance="learned_range")
+
+    x_t, _ = inputs(batch=4, seed=2)
+    t = jnp.array([99, 50, 1, 0], jnp.int32)
+    x_prev = reverse_step(step, x_t, t, jnp.ones_like(x_t))
+    assert x_prev.shape == x_t.shape and bool(jnp.all(jnp.isfinite(x_prev)))
+    # At t = 0 the step adds no noise: the same call with other noise agrees there.
+    other = reverse_step(step, x_t, t, -jnp.ones_like(x_t))
+    np.testing.assert_allclose(x_prev[3], other[3], atol=1e-6)
+    assert not np.allclose(x_prev[0], other[0])
+
+
+def test_get_model():
+    model = get_model("unet", **{**TINY, "ch_mult": [1, 2], "dtype": "bfloat16"})
+    assert isinstance(model, UNet) and model.ch_mult == (1, 2) and model.dtype == jnp.bfloat16
+    with pytest.raises(ValueError, match="unknown model"):
+        get_model("transformer")
