@@ -19,6 +19,10 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
+	$(PY) train.py --config configs/digits.py --workdir $(OUT)/digits
+	$(PY) sample.py --workdir $(OUT)/digits --num 100 --method ddim --steps 50 \
+		--out $(OUT)/digits/generated
+	$(PY) -m diffusion_jax.evaluate digits --samples $(OUT)/digits/generated/samples.npz
 	$(PY) -m diffusion_jax.plots schedules --out $(OUT)/schedules.png
 	$(PY) -m diffusion_jax.plots noising --out $(OUT)/noising.png
 

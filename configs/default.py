@@ -19,7 +19,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.data = data = ml_collections.ConfigDict()
     data.name = "digits"  # TFDS name, "digits", "folder:/path", or a 2-D set ("swissroll", ...)
     data.data_dir = ""  # TFDS data_dir; "" means the TFDS default (~/tensorflow_datasets)
-    data.batch_size = 128  # global batch, split over processes and devices
+    data.batch_size = 64  # global batch, split over processes and devices
     data.image_size = 0  # resize/centre-crop to this size; 0 keeps the dataset's size
     data.random_flip = False  # random horizontal flips (not for digits: they are not symmetric)
     data.train_split = "train"  # split to train on
@@ -38,12 +38,12 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.model = model = ml_collections.ConfigDict()
     model.name = "unet"  # unet | mlp
-    model.ch = 64  # base channels
+    model.ch = 32  # base channels
     model.ch_mult = (1, 2)  # channel multiplier per resolution level
-    model.num_res_blocks = 2  # ResNet blocks per level
+    model.num_res_blocks = 1  # ResNet blocks per level
     model.attn_resolutions = (4,)  # resolutions (pixels) with self-attention
     model.dropout = 0.1  # dropout in the ResNet blocks
-    model.num_groups = 16  # GroupNorm groups
+    model.num_groups = 8  # GroupNorm groups
     model.num_heads = 1  # attention heads
     model.conv_resample = True  # convolutions when resampling
     model.resblock_updown = False  # resample inside ResNet blocks (ADM)
