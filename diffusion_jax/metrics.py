@@ -24,15 +24,20 @@ def _clean(value: Any) -> Any:
     return value
 
 
+_CHATTY = ("orbax", "tensorflow_datasets", "xla_bridge")
+
+
 class _DropChattyInfo(logging.Filter):
-    """Drops INFO records from libraries that log every save and restore (orbax)."""
+    """Drops INFO records from libraries that log every save, restore and dataset open."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING or "orbax" not in record.pathname
+        return record.levelno >= logging.WARNING or not any(
+            name in record.pathname for name in _CHATTY
+        )
 
 
 def quiet_library_logs() -> None:
-    """Keeps the run's own log lines readable: orbax's per-save INFO lines are dropped."""
+    """Keeps the run's own log lines readable: orbax's and TFDS's INFO lines are dropped."""
     chatty = _DropChattyInfo()
     for handler in logging.getLogger().handlers:
         handler.addFilter(chatty)

@@ -406,3 +406,12 @@ def test_two_processes_train_like_one(tmp_path):
         strict=True,
     ):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_bfloat16_compute_keeps_float32_state(tmp_path):
+    config = h.swissroll(train__num_steps=5, train__compute_dtype="bfloat16", train__eval_every=0)
+    state = train_lib.train_and_evaluate(config, str(tmp_path / "run"))
+    dtypes = {leaf.dtype for leaf in jax.tree.leaves((state.params, state.ema_params))}
+    assert dtypes == {np.dtype("float32")}
+    losses = h.losses_by_step(tmp_path / "run")
+    assert all(np.isfinite(v) for v in losses.values())
