@@ -152,6 +152,24 @@ def create_train_state(
     return init, abstract, shardings
 
 
+def _config_loss(config, model_fn, params, schedule, x0, key, model_kwargs, timestep_probs=None):
+    """``losses.training_loss`` with the options of ``config.diffusion``."""
+    d = config.diffusion
+    return losses.training_loss(
+        model_fn,
+        params,
+        schedule,
+        x0,
+        key,
+        parameterization=d.parameterization,
+        variance=d.variance,
+        loss_type=d.loss_type,
+        min_snr_gamma=d.min_snr_gamma or None,
+        model_kwargs=model_kwargs,
+        timestep_probs=timestep_probs,
+    )
+
+
 def make_train_step(
     config: ml_collections.ConfigDict,
     model,
@@ -176,19 +194,7 @@ def make_train_step(
         kwargs = {"rngs": {"dropout": dropout_key}}
         if conditional:
             kwargs["y"] = labels
-        return losses.training_loss(
-            model_fn,
-            params,
-            schedule,
-            x0,
-            loss_key,
-            parameterization=d.parameterization,
-            variance=d.variance,
-            loss_type=d.loss_type,
-            min_snr_gamma=d.min_snr_gamma or None,
-            model_kwargs=kwargs,
-            timestep_probs=probs,
-        )
+        return _config_loss(config, model_fn, params, schedule, x0, loss_key, kwargs, probs)
 
     grad_fn = jax.grad(loss_fn, has_aux=True)
 
@@ -261,26 +267,14 @@ def make_train_step(
 def make_eval_step(config: ml_collections.ConfigDict, model, schedule):
     """``(params, batch, index) -> loss``: the training loss without dropout, with a fixed key
     per eval batch so that held-out losses are comparable across the run."""
-    d = config.diffusion
     model_fn = make_model_fn(model, train=False)
     conditional = bool(config.model.class_conditional)
 
     def eval_step(params, batch, index):
         key = jax.random.fold_in(run_keys(config.seed)[2], index)
         kwargs = {"y": batch["label"]} if conditional else {}
-        loss, _ = losses.training_loss(
-            model_fn,
-            params,
-            schedule,
-            to_model_input(batch),
-            key,
-            parameterization=d.parameterization,
-            variance=d.variance,
-            loss_type=d.loss_type,
-            min_snr_gamma=d.min_snr_gamma or None,
-            model_kwargs=kwargs,
-        )
-        return loss
+        x0 = to_model_input(batch)
+        return _config_loss(config, model_fn, params, schedule, x0, key, kwargs)[0]
 
     return eval_step
 
