@@ -9,6 +9,7 @@ layer), so outputs, label effects and gradients are non-trivial.
 import math
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +17,7 @@ import pytest
 
 from diffusion_jax import diffusion, losses, schedules
 from diffusion_jax.models import UNet, get_model, make_model_fn, timestep_embedding
-from diffusion_jax.models.layers import avg_pool_2x, upsample_nearest_2x
+from diffusion_jax.models.layers import GroupNorm, avg_pool_2x, upsample_nearest_2x
 
 TINY = dict(
     ch=8,
@@ -89,6 +90,28 @@ def test_resampling_matches_reference_ops():
     np.testing.assert_allclose(avg_pool_2x(x), expected, rtol=1e-6)
 
 
+@pytest.mark.parametrize("shape, groups", [((2, 4, 6, 8), 4), ((3, 5, 6), 2), ((2, 4, 4, 6), 6)])
+def test_group_norm_matches_flax(shape, groups):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(3.0 + 2.0 * rng.standard_normal(shape), jnp.float32)  # mean far from 0
+    params = {
+        "scale": jnp.asarray(1 + 0.1 * rng.standard_normal(shape[-1]), jnp.float32),
+        "bias": jnp.asarray(0.1 * rng.standard_normal(shape[-1]), jnp.float32),
+    }
+    reference = nn.GroupNorm(num_groups=groups, epsilon=1e-6, dtype=jnp.float32)
+    ours = GroupNorm(num_groups=groups, epsilon=1e-6)
+    assert jax.tree.structure(ours.init(jax.random.key(0), x)) == jax.tree.structure(
+        reference.init(jax.random.key(0), x)
+    )
+    expected = reference.apply({"params": params}, x)
+    np.testing.assert_allclose(ours.apply({"params": params}, x), expected, atol=2e-5)
+    got16 = ours.apply({"params": params}, x.astype(jnp.bfloat16))
+    assert got16.dtype == jnp.float32
+    np.testing.assert_allclose(got16, expected, atol=0.05)
+    with pytest.raises(ValueError, match="not divisible"):
+        GroupNorm(num_groups=5).init(jax.random.key(0), x)
+
+
 # ---------------------------------------------------------------------------------- shapes
 
 
@@ -98,7 +121,7 @@ def test_resampling_matches_reference_ops():
         ({}, (2, 8, 8, 3), 3),
         ({"out_channels": 6}, (2, 8, 8, 3), 6),  # learned variance: 2C
         ({"ch_mult": (1, 2, 2), "attn_resolutions": (8,)}, (3, 16, 16, 1), 3),
-        ({}, (2, 16, 8, 3), 3),  # non-square
+        ({"attn_resolutions": (8,)}, (2, 16, 8, 3), 3),  # non-square: attention at height 8
         ({"num_res_blocks": 2, "num_heads": 2, "use_scale_shift_norm": True}, (2, 8, 8, 3), 3),
         ({"resblock_updown": True}, (2, 8, 8, 3), 3),
         ({"conv_resample": False, "attn_resolutions": ()}, (2, 8, 8, 3), 3),
@@ -296,6 +319,8 @@ def test_clear_errors():
         init(UNet(**{**TINY, "ch": 6}), x, t)
     with pytest.raises(ValueError, match="num_heads=3"):
         init(UNet(**TINY, num_heads=3), x, t)
+    with pytest.raises(ValueError, match=r"attn_resolutions \(16,\) contains \[16\].*\[8, 4\]"):
+        init(UNet(**{**TINY, "attn_resolutions": (16,)}), x, t)
     with pytest.raises(ValueError, match=r"t must have shape \[B\]"):
         init(UNet(**TINY), x, t[:1])
     with pytest.raises(ValueError, match=r"\[B, H, W, C\]"):

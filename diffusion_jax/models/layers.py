@@ -1,9 +1,9 @@
-"""Building blocks shared by the denoisers: timestep embedding, resampling, initialisers.
+"""Building blocks shared by the denoisers: timestep embedding, resampling, GroupNorm.
 
-The resampling helpers are written as reshapes and broadcasts because that is what XLA:CPU
-runs fastest: the backward pass of ``jax.image.resize`` (nearest, x2) is tens of times slower
-than the backward of a broadcast+reshape that computes the same result (figures in
-``benchmarks/unet_formulations.py``).
+Each is written in the formulation XLA:CPU runs fastest, without changing the math (figures in
+``benchmarks/unet_formulations.py``): the backward pass of ``jax.image.resize`` (nearest, x2)
+is ~10x slower than that of the broadcast+reshape here, and ``flax.linen.GroupNorm`` runs
+~2x slower (forward and backward) than :class:`GroupNorm`, which reduces over the pixels first.
 """
 
 import math
@@ -11,6 +11,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 # The initialiser of the DDPM reference code (``default_init`` in Ho et al.'s diffusion_tf):
 # variance scaling, fan-average, uniform. Layers it marks ``init_scale=0`` start at zero here.
@@ -81,3 +82,51 @@ def avg_pool_2x(x: jax.Array) -> jax.Array:
     batch, height, width, channels = x.shape
     x = x.reshape(batch, height // 2, 2, width // 2, 2, channels)
     return x.mean(axis=(2, 4)).astype(x.dtype)
+
+
+class GroupNorm(nn.Module):
+    """Group normalisation (Wu & He 2018) over NHWC (or any ``[B, ..., C]``) inputs, in float32.
+
+    The same function and parameters (``scale`` and ``bias``, shape ``[C]``) as
+    ``flax.linen.GroupNorm(num_groups, epsilon=epsilon, dtype=jnp.float32)`` with its default
+    one-pass variance ``E[x^2] - E[x]^2``; the statistics are reduced per channel over the
+    pixels first, then per group, which XLA:CPU runs ~2x faster and compiles faster.
+
+    Attributes:
+      num_groups: number of groups; must divide the channel count.
+      epsilon: added to the variance.
+    """
+
+    num_groups: int = 32
+    epsilon: float = 1e-6
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Normalises ``x``.
+
+        Args:
+          x: ``[B, ..., C]``, any float dtype.
+
+        Returns:
+          float32 array of ``x``'s shape.
+        """
+        channels = x.shape[-1]
+        if channels % self.num_groups:
+            raise ValueError(
+                f"GroupNorm(num_groups={self.num_groups}) got {channels} channels, which is not "
+                "divisible by it; choose num_groups dividing every channel count"
+            )
+        scale = self.param("scale", nn.initializers.ones, (channels,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
+        batch, group_size = x.shape[0], channels // self.num_groups
+        x = x.astype(jnp.float32)
+        pixels = x.reshape(batch, -1, channels)
+        mean = jnp.mean(pixels, axis=1).reshape(batch, self.num_groups, group_size).mean(-1)
+        mean_sq = jnp.mean(jnp.square(pixels), axis=1)
+        mean_sq = mean_sq.reshape(batch, self.num_groups, group_size).mean(-1)
+        # max(., 0): rounding can make the one-pass variance slightly negative.
+        inv_std = lax.rsqrt(jnp.maximum(mean_sq - jnp.square(mean), 0.0) + self.epsilon)
+        channel_scale = jnp.repeat(inv_std, group_size, axis=1) * scale  # [B, C]
+        channel_shift = bias - jnp.repeat(mean, group_size, axis=1) * channel_scale
+        broadcast = (batch,) + (1,) * (x.ndim - 2) + (channels,)
+        return x * channel_scale.reshape(broadcast) + channel_shift.reshape(broadcast)

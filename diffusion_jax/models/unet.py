@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax.models.layers import (
+    GroupNorm,
     avg_pool_2x,
     default_kernel_init,
     timestep_embedding,
@@ -58,10 +59,9 @@ def _conv(features: int, dtype: Dtype, name: str, zero: bool = False, strides: i
     )
 
 
-def _group_norm(num_groups: int, name: str) -> nn.GroupNorm:
-    # dtype=float32: statistics and output in float32 whatever the compute dtype; the next
-    # conv casts back to the compute dtype.
-    return nn.GroupNorm(num_groups=num_groups, dtype=jnp.float32, epsilon=1e-6, name=name)
+def _group_norm(num_groups: int, name: str) -> GroupNorm:
+    # Statistics and output in float32 whatever the compute dtype; the next conv casts back.
+    return GroupNorm(num_groups=num_groups, epsilon=1e-6, name=name)
 
 
 class ResBlock(nn.Module):
@@ -169,8 +169,9 @@ class UNet(nn.Module):
         ``len(ch_mult) - 1`` downsamplings.
       num_res_blocks: ResNet blocks per level on the way down (one more on the way up).
       attn_resolutions: feature-map heights, in pixels, that get self-attention (e.g.
-        ``(16,)`` for attention at 16x16 in a 32x32 model). Which levels attend depends on the
-        input size, so the parameter tree is tied to the resolution used at ``init``.
+        ``(16,)`` for attention at 16x16 in a 32x32 model); each must be one of the heights
+        ``H // 2**level`` of the input, else ``ValueError``. Which levels attend depends on
+        the input size, so the parameter tree is tied to the resolution used at ``init``.
       dropout: dropout rate inside the ResNet blocks.
       out_channels: output channels: C to predict eps, x0 or v; 2C for a learned variance.
       num_classes: number of classes for class conditioning, or ``None`` (unconditional).
@@ -241,6 +242,14 @@ class UNet(nn.Module):
             raise ValueError(
                 f"UNet input height and width must be divisible by 2**(len(ch_mult) - 1) = "
                 f"{factor} (ch_mult={tuple(self.ch_mult)}); got {height}x{width}"
+            )
+        heights = [height // 2**level for level in range(len(self.ch_mult))]
+        unused = [r for r in self.attn_resolutions if r not in heights]
+        if unused:
+            raise ValueError(
+                f"attn_resolutions {tuple(self.attn_resolutions)} contains {unused}, which are "
+                f"not feature-map heights of a {height}x{width} input (heights {heights}): "
+                "give attention resolutions in pixels of the feature maps"
             )
         if t.shape != (batch,):
             raise ValueError(f"t must have shape [B] = ({batch},); got shape {t.shape}")
