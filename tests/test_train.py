@@ -415,3 +415,15 @@ def test_bfloat16_compute_keeps_float32_state(tmp_path):
     assert dtypes == {np.dtype("float32")}
     losses = h.losses_by_step(tmp_path / "run")
     assert all(np.isfinite(v) for v in losses.values())
+
+
+def test_resume_onto_a_different_number_of_devices(swiss_workdir, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(swiss_workdir, workdir)  # saved from 8 devices
+    state = train_lib.train_and_evaluate(
+        h.swissroll(train__num_steps=45), str(workdir), devices=jax.devices()[:1]
+    )
+    assert int(state.step) == 45
+    assert {d for leaf in jax.tree.leaves(state.params) for d in leaf.devices()} == {
+        jax.devices()[0]
+    }
