@@ -15,6 +15,15 @@ class conditioning with a null label for classifier-free guidance.
 Mixed precision: ``dtype`` is the compute dtype (e.g. ``jnp.bfloat16``); parameters stay
 float32; GroupNorm statistics, the attention logits and softmax run in float32, and the output
 is returned in float32.
+
+Details of the reference kept here: GroupNorm epsilon 1e-6; stride-2 convolutions pad "SAME"
+(one extra row/column at the bottom/right, as TensorFlow); variance-scaling (fan-average,
+uniform) initialisation, with the layers the reference scales by 0 (second conv of each
+ResNet block, attention output projection, output conv) starting at zero.
+
+On XLA:CPU the formulations were chosen by measurement (``benchmarks/unet_formulations.py``):
+nearest upsampling as broadcast+reshape, GroupNorm reducing over the pixels first, NHWC
+convolutions with XLA's own weight gradients, attention as two einsums with q pre-scaled.
 """
 
 from collections.abc import Sequence
