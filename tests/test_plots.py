@@ -33,3 +33,92 @@ def test_noising_rejects_bad_input(tmp_path):
         plots.plot_noising(str(tmp_path / "x.png"), timesteps=(0, 1000), num_timesteps=1000)
     with pytest.raises(ValueError, match=r"image must be \[H, W, C\]"):
         plots.plot_noising(str(tmp_path / "x.png"), image=np.zeros((8, 8)))
+
+
+def test_noising_on_a_dataset_image_or_the_synthetic_one(tmp_path):
+    image = plots.dataset_image("digits", index=3)
+    assert image.shape == (8, 8, 1) and image.dtype == np.float32
+    assert image.min() >= -1.0 and image.max() <= 1.0 and image.std() > 0.3
+    out = tmp_path / "synthetic.png"
+    argv = ["noising", "--out", str(out), "--num_timesteps", "100", "--dataset", "synthetic"]
+    assert plots.main(argv) == 0
+    _assert_png_not_blank(out, min_size=(1200, 600))
+    with pytest.raises(ValueError, match="not images"):
+        plots.dataset_image("swissroll")
+
+
+# ----------------------------------------------------------------------------- from a workdir
+
+
+@pytest.fixture(scope="module")
+def digits_workdir(tmp_path_factory):
+    """The tiny digits U-Net after 6 steps on one device (the train step of test_evaluate's
+    run, so the compilation cache serves both): enough to draw, not to admire."""
+    import jax
+    import trainer_helpers as h
+
+    from diffusion_jax import train_lib
+
+    config = h.digits(
+        optim__lr=2e-3, optim__lr_schedule="constant", train__checkpoint_every=6,
+        train__num_samples=0,
+    )  # fmt: skip
+    workdir = str(tmp_path_factory.mktemp("plots") / "digits")
+    train_lib.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def swissroll_workdir(tmp_path_factory):
+    """The tiny swiss-roll MLP (40 steps)."""
+    import jax
+    import trainer_helpers as h
+
+    from diffusion_jax import train_lib
+
+    workdir = str(tmp_path_factory.mktemp("plots") / "swissroll")
+    config = h.swissroll(train__checkpoint_every=40, train__num_samples=0)
+    train_lib.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+    return workdir
+
+
+def test_trajectory_figure_of_images(digits_workdir, tmp_path):
+    out = tmp_path / "trajectory.png"
+    argv = ["trajectory", "--workdir", digits_workdir, "--out", str(out), "--steps", "10"]
+    assert plots.main([*argv, "--num", "4", "--frames", "5"]) == 0
+    # 5 pairs of 32-pixel tiles and the sample: wider than tall, every row visible.
+    _assert_png_not_blank(out, min_size=(500, 180))
+
+
+def test_trajectory_figure_of_points(swissroll_workdir, tmp_path):
+    out = tmp_path / "trajectory.png"
+    argv = ["trajectory", "--workdir", swissroll_workdir, "--out", str(out), "--steps", "10"]
+    assert plots.main([*argv, "--num", "200", "--frames", "5"]) == 0
+    _assert_png_not_blank(out, min_size=(1300, 450))
+
+
+def test_loss_figure(digits_workdir, tmp_path):
+    out = tmp_path / "loss.png"
+    assert plots.main(["loss", "--workdir", digits_workdir, "--out", str(out)]) == 0
+    _assert_png_not_blank(out, min_size=(1200, 420))
+    with pytest.raises(FileNotFoundError, match="No training losses"):
+        plots.plot_loss(str(tmp_path / "empty"), str(tmp_path / "x.png"))
+
+
+def test_samples_figure_of_images(digits_workdir, tmp_path):
+    out = tmp_path / "samples.png"
+    argv = ["samples", "--workdir", digits_workdir, "--out", str(out), "--num", "16"]
+    assert plots.main([*argv, "--steps", "5"]) == 0
+    _assert_png_not_blank(out, min_size=(400, 400))
+
+
+def test_samples_figure_of_points(swissroll_workdir, tmp_path):
+    out = tmp_path / "samples.png"
+    argv = ["samples", "--workdir", swissroll_workdir, "--out", str(out), "--num", "256"]
+    assert plots.main([*argv, "--steps", "10"]) == 0
+    _assert_png_not_blank(out, min_size=(600, 600))
+
+
+def test_workdir_figures_need_a_workdir(tmp_path):
+    with pytest.raises(SystemExit):
+        plots.main(["samples", "--out", str(tmp_path / "x.png")])
