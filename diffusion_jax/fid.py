@@ -1,0 +1,692 @@
+"""FID and Inception Score with the FID Inception network in JAX.
+
+The numbers are those of the standard implementations: pool features of pytorch-fid's FID
+Inception (:mod:`diffusion_jax.models.inception`), the Frechet distance between Gaussians fitted
+to them in float64 (Heusel et al., 2017), and the Inception Score of Salimans et al. (2016) over
+the 1008 logits without the classifier's bias (as their code and torch-fidelity compute it),
+in 10 splits. Statistics files hold ``mu`` and ``sigma`` under pytorch-fid's and TTUR's keys,
+so their reference statistics files can be read too.
+
+The Inception weights are never downloaded at run time. Once, on a machine with internet,
+fetch pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth`` (:data:`TORCH_WEIGHTS_URL`) and
+convert it (needs torch)::
+
+  python -m diffusion_jax.evaluate convert-inception --pth pt_inception-2015-12-05-6726825d.pth \\
+      --out fid_inception.npz
+  export DIFFUSION_JAX_INCEPTION_WEIGHTS=$PWD/fid_inception.npz   # or --inception_weights
+
+then::
+
+  python -m diffusion_jax.evaluate ref-stats --dataset cifar10 --split train --out cifar10.npz
+  python -m diffusion_jax.evaluate fid --workdir W --ref cifar10.npz --num 50000 --steps 100
+
+(``python -m diffusion_jax.fid`` takes the same three commands.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from diffusion_jax.models import inception
+
+__all__ = [
+    "TORCH_WEIGHTS_URL",
+    "WEIGHTS_ENV",
+    "FeatureExtractor",
+    "add_subcommands",
+    "compute_statistics",
+    "convert_torch_file",
+    "fid_from_workdir",
+    "frechet_distance",
+    "inception_score",
+    "load_inception_variables",
+    "load_statistics",
+    "main",
+    "ref_stats",
+    "resolve_inception_weights",
+    "save_inception_variables",
+    "save_statistics",
+    "to_unit_rgb",
+]
+
+WEIGHTS_ENV = "DIFFUSION_JAX_INCEPTION_WEIGHTS"
+"""Environment variable naming the converted weights file (``--inception_weights`` wins)."""
+
+TORCH_WEIGHTS_URL = (
+    "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+    "pt_inception-2015-12-05-6726825d.pth"
+)
+"""pytorch-fid's FID Inception weights (TF's 2015-12-05 graph), the source of ours."""
+
+_TORCH_WEIGHTS_SHA256_PREFIX = "6726825d"  # pytorch-fid's file name carries it
+_META = "meta/"  # npz keys that are not variables
+
+
+def _weights_help() -> str:
+    return (
+        "The FID Inception weights are pytorch-fid's, converted once to .npz (nothing is "
+        f"downloaded at run time). On a machine with internet, download\n  {TORCH_WEIGHTS_URL}\n"
+        "then, with torch installed (pip install -e '.[compare]'), convert it:\n"
+        "  python -m diffusion_jax.evaluate convert-inception "
+        "--pth pt_inception-2015-12-05-6726825d.pth --out fid_inception.npz\n"
+        f"and pass --inception_weights fid_inception.npz or set {WEIGHTS_ENV}."
+    )
+
+
+def resolve_inception_weights(path: str | os.PathLike | None = None) -> str:
+    """The converted weights file: ``path``, else ``$DIFFUSION_JAX_INCEPTION_WEIGHTS``.
+
+    Raises:
+      FileNotFoundError: neither given, or the file does not exist; the message says how to
+        produce it.
+    """
+    source = "--inception_weights" if path else WEIGHTS_ENV
+    path = path or os.environ.get(WEIGHTS_ENV)
+    if not path:
+        raise FileNotFoundError(f"No Inception weights given.\n{_weights_help()}")
+    path = os.path.expanduser(os.fspath(path))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"Inception weights {path!r} ({source}) not found.\n{_weights_help()}"
+        )
+    return path
+
+
+def save_inception_variables(variables: Any, path: str, *, source_sha256: str = "") -> str:
+    """Writes FID Inception variables to an ``.npz`` (keys like ``params/Mixed_5b/...``)."""
+    flat = traverse_util.flatten_dict(jax.device_get(variables), sep="/")
+    arrays = {key: np.asarray(value, np.float32) for key, value in flat.items()}
+    arrays[_META + "source_sha256"] = np.array(source_sha256)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "wb") as file:
+        np.savez(file, **arrays)
+    return path
+
+
+def load_inception_variables(path: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Reads converted FID Inception weights (see :func:`resolve_inception_weights`).
+
+    Returns:
+      ``{"params": ..., "batch_stats": ...}`` of float32 NumPy arrays.
+
+    Raises:
+      FileNotFoundError: no weights file (the message says how to make one).
+      ValueError: the file is not a converted FID Inception.
+    """
+    path = resolve_inception_weights(path)
+    with np.load(path, allow_pickle=False) as npz:
+        flat = {tuple(k.split("/")): npz[k] for k in npz.files if not k.startswith(_META)}
+    expected = inception.variable_shapes()
+    if {k: v.shape for k, v in flat.items()} != expected:
+        missing = sorted("/".join(k) for k in expected.keys() - flat.keys())
+        wrong = sorted("/".join(k) for k in flat if expected.get(k) != flat[k].shape)
+        raise ValueError(
+            f"{path} is not a converted FID Inception: missing={missing[:5]} "
+            f"unexpected or wrong shapes={wrong[:5]}.\n{_weights_help()}"
+        )
+    return traverse_util.unflatten_dict(flat)
+
+
+def convert_torch_file(pth: str, out: str) -> str:
+    """Converts pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth`` to our ``.npz``.
+
+    Needs torch (``torch.load(..., weights_only=True)``; no code in the file is run). Warns
+    when the file's SHA-256 does not start with pytorch-fid's ``6726825d``.
+
+    Returns:
+      ``out``.
+    """
+    import torch
+
+    with open(pth, "rb") as file:
+        digest = hashlib.sha256(file.read()).hexdigest()
+    if not digest.startswith(_TORCH_WEIGHTS_SHA256_PREFIX):
+        print(
+            f"warning: {pth} has SHA-256 {digest[:8]}..., not pytorch-fid's "
+            f"{_TORCH_WEIGHTS_SHA256_PREFIX}...: FIDs will not be comparable to published ones.",
+            file=sys.stderr,
+        )
+    state_dict = torch.load(pth, map_location="cpu", weights_only=True)
+    variables = inception.convert_torch_weights(state_dict)
+    return save_inception_variables(variables, out, source_sha256=digest)
+
+
+def _to_host(array: jax.Array) -> np.ndarray:
+    if array.is_fully_addressable:
+        return np.asarray(jax.device_get(array))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
+def to_unit_rgb(images: jax.Array) -> jax.Array:
+    """uint8 ``[B, H, W, 1 or 3]`` -> float32 RGB ``[B, H, W, 3]`` in [0, 1] (gray repeated),
+    what pytorch-fid feeds its network (``ToTensor`` of the image)."""
+    x = images.astype(jnp.float32) / 255.0
+    return jnp.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x
+
+
+@jax.jit
+def _features(variables: Any, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    out = inception.InceptionV3().apply(variables, to_unit_rgb(images))
+    return out["pool"], out["logits_unbiased"]
+
+
+class FeatureExtractor:
+    """Inception pool features and logits of uint8 images, batch by batch over devices.
+
+    Every call runs the same compiled function (batches are padded to ``batch_size``), so the
+    network compiles once per image size.
+
+    Args:
+      variables: FID Inception variables (:func:`load_inception_variables`).
+      batch_size: images per compiled call; rounded up to a multiple of the mesh size.
+      mesh: devices to split each batch over (default: every device). With several processes,
+        every process must pass the same images.
+
+    Example:
+      >>> extract = FeatureExtractor(load_inception_variables(), batch_size=100)
+      >>> pool, logits = extract(images)  # uint8 [N, H, W, 3] -> [N, 2048], [N, 1008]
+    """
+
+    def __init__(self, variables: Any, *, batch_size: int = 200, mesh=None):
+        from diffusion_jax import sharding
+
+        self.mesh = sharding.make_mesh() if mesh is None else mesh
+        self.batch_size = -(-batch_size // self.mesh.size) * self.mesh.size
+        self._sharding = sharding.data_sharding(self.mesh)
+        self.variables = jax.device_put(variables, sharding.replicated(self.mesh))
+
+    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Features of ``images``.
+
+        Args:
+          images: uint8 ``[N, H, W, C]`` with C = 3 (RGB) or 1 (grayscale, repeated to RGB).
+
+        Returns:
+          ``(pool float32 [N, 2048], logits float32 [N, 1008])``; the logits are without the
+          classifier's bias, as :func:`inception_score` expects.
+        """
+        images = np.asarray(images)
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
+            raise ValueError(
+                f"images must be uint8 [N, H, W, 1 or 3], got {images.dtype} {images.shape}."
+            )
+        pools, logits = [], []
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start : start + self.batch_size]
+            padded = np.zeros((self.batch_size, *images.shape[1:]), np.uint8)
+            padded[: len(chunk)] = chunk
+            batch = jax.make_array_from_callback(
+                padded.shape, self._sharding, lambda index, a=padded: a[index]
+            )
+            pool, logit = _features(self.variables, batch)
+            pools.append(_to_host(pool)[: len(chunk)])
+            logits.append(_to_host(logit)[: len(chunk)])
+        if not pools:
+            return np.zeros((0, inception.FEATURE_DIM), np.float32), np.zeros(
+                (0, inception.NUM_LOGITS), np.float32
+            )
+        return np.concatenate(pools), np.concatenate(logits)
+
+
+def compute_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance (unbiased, as pytorch-fid) of features, in float64.
+
+    Args:
+      features: ``[N, D]`` with N >= 2.
+
+    Returns:
+      ``(mu float64 [D], sigma float64 [D, D])``.
+    """
+    features = np.asarray(features, np.float64)
+    if features.ndim != 2 or len(features) < 2:
+        raise ValueError(f"features must be [N >= 2, D], got {features.shape=}.")
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def frechet_distance(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray
+) -> float:
+    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2), in float64.
+
+    ``|mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1 sigma2)^(1/2))``. The trace of the
+    matrix square root is ``sum(sqrt(eig(A sigma2 A)))`` with ``A = sigma1^(1/2)`` (symmetric
+    eigendecompositions: real and stable for the singular covariances of N < D samples),
+    rather than ``scipy.linalg.sqrtm`` of the non-symmetric product.
+
+    Args:
+      mu1, mu2: means ``[D]``.
+      sigma1, sigma2: covariances ``[D, D]`` (symmetric positive semi-definite).
+
+    Returns:
+      The distance (>= 0 up to rounding), a Python float.
+    """
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    dim = mu1.shape[0]
+    for name, value, shape in (
+        ("mu2", mu2, (dim,)),
+        ("sigma1", sigma1, (dim, dim)),
+        ("sigma2", sigma2, (dim, dim)),
+    ):
+        if value.shape != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {value.shape}.")
+    eigenvalues, eigenvectors = np.linalg.eigh((sigma1 + sigma1.T) / 2)
+    sqrt_sigma1 = (eigenvectors * np.sqrt(np.clip(eigenvalues, 0, None))) @ eigenvectors.T
+    product = sqrt_sigma1 @ sigma2 @ sqrt_sigma1
+    trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((product + product.T) / 2), 0, None)).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
+
+
+def inception_score(logits: np.ndarray, num_splits: int = 10) -> tuple[float, float]:
+    """Inception Score ``exp(E_x KL(p(y|x) || p(y)))``, mean and std over splits, in float64.
+
+    Args:
+      logits: ``[N, K]`` classifier logits (:class:`FeatureExtractor` returns them without the
+        bias, over K = 1008, as Salimans et al.'s code).
+      num_splits: the samples are cut into this many consecutive splits (10 in the papers).
+
+    Returns:
+      ``(mean, std)`` over the splits. It lies in [1, K]: 1 when every prediction is the same,
+      K when each is certain and the classes are used equally.
+    """
+    logits = np.asarray(logits, np.float64)
+    if logits.ndim != 2 or not 1 <= num_splits <= len(logits):
+        raise ValueError(
+            f"need logits [N, K] and 1 <= num_splits <= N: {logits.shape=}, {num_splits=}"
+        )
+    log_p = logits - logits.max(axis=1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(axis=1, keepdims=True))
+    scores = []
+    for part in np.array_split(log_p, num_splits):
+        top = part.max(axis=0)  # log p(y) without underflow for classes no sample predicts
+        log_marginal = top + np.log(np.exp(part - top).mean(axis=0))
+        kl = (np.exp(part) * (part - log_marginal)).sum(axis=1)
+        scores.append(np.exp(kl.mean()))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def _num_splits(num: int) -> int:
+    # The papers' 10 splits (of 5000 samples each); one per 100 samples below 1000 samples, as
+    # the score of a split of a few samples says little.
+    return max(1, min(10, num // 100))
+
+
+def save_statistics(path: str, mu: np.ndarray, sigma: np.ndarray, **meta: Any) -> str:
+    """Writes ``mu``, ``sigma`` (pytorch-fid's keys) and scalar metadata to ``path`` (.npz)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "wb") as file:
+        np.savez(file, mu=mu, sigma=sigma, **{k: np.asarray(v) for k, v in meta.items()})
+    return path
+
+
+def load_statistics(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """Reads ``(mu [2048], sigma [2048, 2048])`` from ours, pytorch-fid's or TTUR's ``.npz``."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"Reference statistics {path!r} not found: make them with "
+            "`python -m diffusion_jax.evaluate ref-stats --dataset NAME --out FILE`."
+        )
+    with np.load(path, allow_pickle=False) as npz:
+        mu, sigma = npz["mu"].astype(np.float64), npz["sigma"].astype(np.float64)
+    dim = inception.FEATURE_DIM
+    if mu.shape != (dim,) or sigma.shape != (dim, dim):
+        raise ValueError(
+            f"{path}: need mu [{dim}] and sigma [{dim}, {dim}], got {mu.shape}, {sigma.shape}."
+        )
+    return mu, sigma
+
+
+def _largest_divisor(n: int, cap: int) -> int:
+    return next(d for d in range(min(n, cap), 0, -1) if n % d == 0)
+
+
+def ref_stats(
+    dataset: str,
+    split: str,
+    out: str,
+    inception_weights: str | None = None,
+    data_dir: str | None = None,
+    num: int | None = None,
+    *,
+    image_size: int | None = None,
+    batch_size: int = 200,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Reference statistics of a dataset split, for :func:`fid_from_workdir`.
+
+    The first ``num`` examples of ``split`` in stored order are read through
+    :func:`diffusion_jax.data.create_iterator` (grayscale repeated to RGB).
+
+    Args:
+      dataset: an image dataset name (``"cifar10"``, ``"digits"``, ``"folder:/path"``, ...).
+      split: e.g. ``"train"``.
+      out: the ``.npz`` to write (``mu``, ``sigma``, ``num``, ``dataset``, ``split``,
+        ``image_size``: 0 for the stored size).
+      inception_weights: converted weights (default ``$DIFFUSION_JAX_INCEPTION_WEIGHTS``).
+      data_dir: TFDS data directory.
+      num: number of examples (default: the whole split).
+      image_size: resize and centre-crop to this size first (as the model was trained).
+      batch_size: images per Inception call.
+      progress: show a progress bar.
+
+    Returns:
+      ``{"out", "num", "inception_score", "inception_score_std"}`` (the data's own IS, in
+      10 splits, or one per 100 images below 1000).
+    """
+    from tqdm.auto import tqdm
+
+    from diffusion_jax import data
+
+    variables = load_inception_variables(inception_weights)
+    info, source = data.open_split(dataset, split=split, data_dir=data_dir)
+    if info.kind != "image":
+        raise ValueError(f"FID needs images; {dataset!r} holds {info.kind} data.")
+    num = len(source) if num is None else num
+    if not 2 <= num <= len(source):
+        raise ValueError(f"--num must lie in [2, {len(source)}] (the split's size), got {num}.")
+    # Reading batches must tile the first `num` examples exactly (the pipeline drops partial
+    # batches); the Inception batch is separate and padded.
+    read_batch = _largest_divisor(num, max(batch_size, 1000))
+    iterator = data.create_iterator(
+        dataset,
+        split=split,
+        batch_size=read_batch,
+        data_dir=data_dir,
+        shuffle=False,
+        num_epochs=1,
+        image_size=image_size,
+        process_index=0,
+        process_count=1,
+    )
+    extract = FeatureExtractor(variables, batch_size=batch_size)
+    pools, logits, pending = [], [], []
+    for step in tqdm(
+        range(num // read_batch), disable=not progress, desc="reference", unit="batch"
+    ):
+        pending.append(next(iterator)["image"])
+        last = step == num // read_batch - 1
+        if last or sum(map(len, pending)) >= extract.batch_size:
+            images = np.concatenate(pending)
+            # Whole Inception batches now, the rest with the next read (no padding waste).
+            cut = len(images) if last else len(images) // extract.batch_size * extract.batch_size
+            pool, logit = extract(images[:cut])
+            pools.append(pool)
+            logits.append(logit)
+            pending = [images[cut:]]
+    mu, sigma = compute_statistics(np.concatenate(pools))
+    score, score_std = inception_score(np.concatenate(logits), _num_splits(num))
+    if jax.process_index() == 0:
+        save_statistics(
+            out, mu, sigma, num=num, dataset=dataset, split=split, image_size=image_size or 0
+        )
+    return {"out": out, "num": num, "inception_score": score, "inception_score_std": score_std}
+
+
+def fid_from_workdir(
+    workdir: str,
+    ref_stats_path: str,
+    *,
+    num: int = 50_000,
+    batch_size: int | None = None,
+    method: str = "ddim",
+    steps: int | None = 50,
+    eta: float = 0.0,
+    seed: int = 0,
+    params: str = "ema",
+    checkpoint_step: int | None = None,
+    guidance: float | None = None,
+    inception_weights: str | None = None,
+    inception_batch_size: int = 200,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Samples ``num`` images from a checkpoint and scores them: FID against ``ref_stats_path``
+    and IS.
+
+    The samples are those ``sample.py`` draws with the same flags (a function of seed and
+    index), rounded to uint8 as written to disk; a class-conditional model gets labels
+    ``i % num_classes``. IS is over 10 splits (one per 100 samples below 1000). The result is
+    also written to ``WORKDIR/eval/fid_{params}_{method}{steps}_n{num}_seed{seed}.json``.
+
+    Args:
+      workdir: a training workdir with ``checkpoints/``.
+      ref_stats_path: statistics from :func:`ref_stats` (or pytorch-fid's / TTUR's).
+      num, batch_size, method, steps, eta, seed, checkpoint_step, guidance: as in sample.py.
+      params: ``"ema"`` or ``"raw"``.
+      inception_weights: converted weights (default ``$DIFFUSION_JAX_INCEPTION_WEIGHTS``).
+      inception_batch_size: images per Inception call.
+      progress: show progress bars.
+
+    Returns:
+      ``{"fid", "inception_score", "inception_score_std", "num", "step", ...settings, "json"}``.
+    """
+    import ml_collections
+
+    from diffusion_jax import checkpoint as checkpoint_lib
+    from diffusion_jax import configuration, data, samplers, sampling_lib, sharding
+
+    if params not in ("ema", "raw"):
+        raise ValueError(f"--params must be 'ema' or 'raw', got {params!r}.")
+    if method not in samplers.METHODS:
+        raise ValueError(f"Unknown --method {method!r}; expected one of {samplers.METHODS}.")
+    if num < 2:
+        raise ValueError(f"--num must be >= 2 for a covariance, got {num}.")
+    # Fail on missing inputs before sampling for hours.
+    ref_mu, ref_sigma = load_statistics(ref_stats_path)
+    variables = load_inception_variables(inception_weights)
+
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    manager = checkpoint_lib.CheckpointManager(ckpt_dir)
+    available = manager.all_steps()
+    if not available:
+        raise FileNotFoundError(f"No checkpoint in {ckpt_dir}: train first with train.py.")
+    if checkpoint_step is not None and checkpoint_step not in available:
+        raise ValueError(f"No checkpoint at step {checkpoint_step}; available: {available}.")
+    config = ml_collections.ConfigDict(manager.read_config(checkpoint_step))
+    manager.close()
+    steps = config.diffusion.num_timesteps if steps is None else steps
+    if not 1 <= steps <= config.diffusion.num_timesteps:
+        raise ValueError(f"--steps must lie in [1, {config.diffusion.num_timesteps}], got {steps}.")
+    info = data.get_dataset_info(config.data.name, data_dir=config.data.data_dir or None)
+    if info.kind != "image":
+        raise ValueError(f"FID needs an image model; {config.data.name!r} is {info.kind} data.")
+    data_shape = info.element_shape(config.data.image_size or None)
+    conditional = bool(config.model.class_conditional)
+    labels = np.arange(num, dtype=np.int32) % info.num_classes if conditional else None
+    if guidance is not None and labels is None:
+        raise ValueError("--guidance needs a class-conditional model.")
+
+    mesh = sharding.make_mesh()
+    batch_size = -(-(batch_size or min(num, 64)) // mesh.size) * mesh.size
+    model = configuration.build_model(config, data_shape, info.num_classes)
+    abstract = sampling_lib._abstract_params(model, data_shape, conditional, mesh)
+    which = "ema_params" if params == "ema" else "params"
+    restored = checkpoint_lib.restore_params(ckpt_dir, abstract, which=which, step=checkpoint_step)
+    start = time.time()
+    samples = sampling_lib.generate(
+        config,
+        model,
+        configuration.build_schedule(config),
+        restored,
+        data_shape,
+        num=num,
+        batch_size=batch_size,
+        seed=seed,
+        method=method,
+        num_steps=steps,
+        eta=eta,
+        is_image=True,
+        labels=labels,
+        null_label=info.num_classes,
+        guidance_scale=guidance,
+        mesh=mesh,
+        progress=progress and jax.process_index() == 0,
+    )
+    sampling_seconds = time.time() - start
+    pool, logits = FeatureExtractor(variables, batch_size=inception_batch_size, mesh=mesh)(
+        sampling_lib.to_uint8(samples)
+    )
+    score, score_std = inception_score(logits, _num_splits(num))
+    result = {
+        "fid": frechet_distance(*compute_statistics(pool), ref_mu, ref_sigma),
+        "inception_score": score,
+        "inception_score_std": score_std,
+        "num": num,
+        "step": checkpoint_step if checkpoint_step is not None else max(available),
+        "params": params,
+        "method": method,
+        "steps": steps,
+        "eta": eta,
+        "seed": seed,
+        "guidance": guidance,
+        "ref": os.path.abspath(ref_stats_path),
+        "sampling_seconds": round(sampling_seconds, 1),
+    }
+    name = f"fid_{params}_{method}{steps}_n{num}_seed{seed}.json"
+    result["json"] = os.path.join(workdir, "eval", name)
+    if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(result["json"]), exist_ok=True)
+        with open(result["json"], "w") as file:
+            json.dump(result, file, indent=2)
+    return result
+
+
+def _add_weights_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--inception_weights",
+        default=None,
+        help=f"converted FID Inception weights (.npz); default ${WEIGHTS_ENV}",
+    )
+
+
+def _run(job) -> int:
+    try:
+        job()
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _ref_stats_command(args: argparse.Namespace) -> int:
+    def job():
+        report = ref_stats(
+            args.dataset,
+            args.split,
+            args.out,
+            args.inception_weights,
+            args.data_dir,
+            args.num,
+            image_size=args.image_size,
+            batch_size=args.batch_size,
+        )
+        print(json.dumps(report))
+        print(
+            f"wrote {report['out']}: statistics of {report['num']} images of "
+            f"{args.dataset}:{args.split} (their IS {report['inception_score']:.2f})"
+        )
+
+    return _run(job)
+
+
+def _fid_command(args: argparse.Namespace) -> int:
+    def job():
+        result = fid_from_workdir(
+            args.workdir,
+            args.ref,
+            num=args.num,
+            batch_size=args.batch_size,
+            method=args.method,
+            steps=args.steps,
+            eta=args.eta,
+            seed=args.seed,
+            params=args.params,
+            checkpoint_step=args.checkpoint_step,
+            guidance=args.guidance,
+            inception_weights=args.inception_weights,
+            inception_batch_size=args.inception_batch_size,
+        )
+        print(json.dumps(result))
+        print(
+            f"FID {result['fid']:.3f}  IS {result['inception_score']:.3f} "
+            f"+- {result['inception_score_std']:.3f}  ({result['num']} samples, "
+            f"{args.params} params, {args.method} {result['steps']} steps)"
+        )
+
+    return _run(job)
+
+
+def _convert_command(args: argparse.Namespace) -> int:
+    return _run(lambda: print(f"wrote {convert_torch_file(args.pth, args.out)}"))
+
+
+def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
+    """Registers ``ref-stats``, ``fid`` and ``convert-inception`` on an argparse subparser set.
+
+    Each parser's ``func`` default is its handler, ``func(args) -> exit code``::
+
+      sub = parser.add_subparsers(dest="command", required=True)
+      fid.add_subcommands(sub)
+      args = parser.parse_args(argv)
+      return args.func(args)
+    """
+    ref = subparsers.add_parser("ref-stats", help="FID reference statistics of a dataset split")
+    ref.add_argument("--dataset", required=True, help="dataset name, e.g. cifar10")
+    ref.add_argument("--split", default="train")
+    ref.add_argument("--out", required=True, help="statistics .npz to write")
+    ref.add_argument("--data_dir", default=None, help="TFDS data directory")
+    ref.add_argument("--num", type=int, default=None, help="first N examples (default: all)")
+    ref.add_argument("--image_size", type=int, default=None, help="resize + centre-crop first")
+    ref.add_argument("--batch_size", type=int, default=200, help="images per Inception call")
+    _add_weights_flag(ref)
+    ref.set_defaults(func=_ref_stats_command)
+
+    fid = subparsers.add_parser("fid", help="sample a checkpoint and report FID and IS")
+    fid.add_argument("--workdir", required=True, help="training workdir with checkpoints/")
+    fid.add_argument("--ref", required=True, help="reference statistics .npz (ref-stats)")
+    fid.add_argument("--num", type=int, default=50_000, help="number of samples")
+    fid.add_argument("--batch_size", type=int, default=None, help="samples per sampler call")
+    fid.add_argument("--method", default="ddim", help="ddpm | ddim | dpm_solver++")
+    fid.add_argument("--steps", type=int, default=50, help="sampler steps")
+    fid.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity")
+    fid.add_argument("--seed", type=int, default=0)
+    fid.add_argument("--params", choices=("ema", "raw"), default="ema")
+    fid.add_argument("--checkpoint_step", type=int, default=None)
+    fid.add_argument("--guidance", type=float, default=None, help="classifier-free guidance")
+    fid.add_argument("--inception_batch_size", type=int, default=200)
+    _add_weights_flag(fid)
+    fid.set_defaults(func=_fid_command)
+
+    convert = subparsers.add_parser(
+        "convert-inception", help="convert pytorch-fid's Inception .pth to our .npz (needs torch)"
+    )
+    convert.add_argument("--pth", required=True, help="pt_inception-2015-12-05-6726825d.pth")
+    convert.add_argument("--out", required=True, help=".npz to write")
+    convert.set_defaults(func=_convert_command)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m diffusion_jax.fid {ref-stats,fid,convert-inception} ...``."""
+    parser = argparse.ArgumentParser(prog="python -m diffusion_jax.fid", description=__doc__)
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    add_subcommands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
