@@ -48,20 +48,24 @@ noted. Milliseconds, "fwd | fwd+bwd".
       90-190 GFLOP/s in the quietest run.  -> keep XLA's weight gradient, no custom_vjp:
       its gap to the forward is 1.0-1.5x here, and the GEMM reformulations are 1.2-5x
       slower except for a 1-channel input conv (2-5x faster, but 1-4 ms of a 2 s step).
-  groupnorm [64,32,32,32]: flax 4.9-6.5 | 11.8-15.4; one-pass group axes 5.4-6.4 |
-      11.3-15.5; channel moments 1.9-3.0 | 6.3-6.4. [64,32,32,64]: flax 6.8-10.2 | 51-74;
-      one-pass 12-13 | 43-45; channel moments 5.6-6.9 | 26-33  -> layers.GroupNorm
-      (channel moments): ~2x faster, and its forward compiles ~4x faster.
-  unet, 1,524,257 parameters; train step 104 GFLOP, compiled in 13-18 s. At load ~7:
-      chosen             fwd b16 170 ms | step b64 2.35 s
-      flax GroupNorm             201    |          2.76 s  (+17%: the GroupNorm choice)
-      jax.image.resize           159    |          2.26 s  (within noise: 3 upsamplings)
-      remat=True                 151    |          3.25 s  (+38%)
-      bfloat16                   189    |          2.29 s  (no bf16 units on this CPU)
-      dropout=0                  171    |          2.04 s  (dropout's threefry masks ~13%)
-      At load ~3, before the GroupNorm change: 118 ms | 1.76 s (~59 GFLOP/s). The issue's
-      naive Flax U-Net: 195 ms | 3.6-3.9 s; diffusers' UNet2DModel (PyTorch): 108-124 ms |
-      1.25-1.4 s.
+  groupnorm [64,32,32,32]: flax 3.4-6.5 | 5.1-15.4; one-pass group axes 3.3-6.4 |
+      6.3-15.5; channel moments 1.6-3.0 | 3.1-6.4. [64,32,32,64]: flax 6.4-10.2 | 30-74;
+      one-pass 6.4-13 | 21-45; channel moments 3.5-6.9 | 11-33  -> layers.GroupNorm
+      (channel moments): ~2x faster in every run, and its forward compiles ~4x faster.
+  unet, 1,524,257 parameters; train step 104 GFLOP, compiled in 11-18 s. Two interleaved
+      runs (load ~7, then ~4), "fwd b16 ms | step b64 s":
+      chosen                     170 / 165 | 2.35 / 2.20
+      flax.linen.GroupNorm       201 / 143 | 2.76 / 1.70
+      jax.image.resize           159 / 136 | 2.26 / 2.12
+      remat=True                 151 / 151 | 3.25 / 2.73  (+25-38%)
+      dtype=bfloat16             189 / 184 | 2.29 / 2.22  (no bf16 units on this CPU)
+      dropout=0                  171 / 179 | 2.04 / 2.00  (dropout's threefry masks ~10%)
+      The 1.70 s is the one result against a choice; an 8-round rerun of chosen vs flax
+      GroupNorm did not reproduce it: step min 2.12 vs 2.31 s, median 2.45 vs 2.60 s.
+      Whole-network differences below ~20% are within this machine's noise; remat and
+      dropout stand out in every run. At load ~3, before the GroupNorm change: 118 ms |
+      1.76 s (~59 GFLOP/s). The issue's naive Flax U-Net: 195 ms | 3.6-3.9 s; diffusers'
+      UNet2DModel (PyTorch): 108-124 ms | 1.25-1.4 s.
 """
 
 import argparse
