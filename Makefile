@@ -4,29 +4,42 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+HASH := $(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+# The demo needs the library; the tests also need the test tools and the `compare` extra
+# (torch + pytorch-fid for the Inception cross-check).
+BASE_STAMP := $(VENV)/.installed-base-$(HASH)
+TEST_STAMP := $(VENV)/.installed-test-$(HASH)
 OUT ?= out
 
 .PHONY: demo test lint venv clean
 
-$(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade --quiet pip
-	$(PY) -m pip install --quiet -e '.[test]'
+
+$(BASE_STAMP): pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install --quiet -e .
+	rm -f $(VENV)/.installed-base-*
+	touch $@
+
+$(TEST_STAMP): pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install --quiet -e '.[test,compare]'
 	rm -f $(VENV)/.installed-*
-	touch $(STAMP)
+	touch $(BASE_STAMP) $@
 
-venv: $(STAMP)
+venv: $(TEST_STAMP)
 
-demo: $(STAMP)
+demo: $(BASE_STAMP)
 	$(PY) train.py --config configs/digits.py --workdir $(OUT)/digits
 	$(PY) sample.py --workdir $(OUT)/digits --num 100 --method ddim --steps 50 \
 		--out $(OUT)/digits/generated
 	$(PY) -m diffusion_jax.evaluate digits --samples $(OUT)/digits/generated/samples.npz
+	$(PY) -m diffusion_jax.plots loss --workdir $(OUT)/digits --out $(OUT)/digits/loss.png
+	$(PY) -m diffusion_jax.plots trajectory --workdir $(OUT)/digits --out $(OUT)/digits/trajectory.png
 	$(PY) -m diffusion_jax.plots schedules --out $(OUT)/schedules.png
 	$(PY) -m diffusion_jax.plots noising --out $(OUT)/noising.png
 
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
 

@@ -1,24 +1,17 @@
-"""Judging a trained model: its likelihood bound in bits/dim, and how its samples look.
+"""Judging a trained model: its likelihood bound, FID/IS, and how its samples look.
 
-``nll``: the variational bound of Ho et al. (2020) on a dataset split, from a checkpoint, with
-all T terms, reported the way the DDPM and improved-DDPM papers do: the decoder L_0, the sum of
-the KL terms L_1..L_{T-1}, the prior L_T and their total in bits/dim. Written as JSON into the
-workdir (``nll_<split>_<params>_step<S>.json``)::
+Command line (``python -m diffusion_jax.evaluate CMD``):
 
-  python -m diffusion_jax.evaluate nll --workdir workdirs/digits --split test
-
-Images are 8-bit: ``x0 = uint8 / 127.5 - 1`` on the grid of 256 levels, so the numbers compare
-with published ones for CIFAR-10 or ImageNet. The embedded ``digits`` hold 17 levels upscaled to
-8 bits: their bits/dim compare with no published figure. 2-D toy sets are continuous, so the
-discretised decoder (and with it bits/dim) does not apply; ``nll`` refuses them.
-
-``digits``: a classifier trained on the real digits (the train split of the offline ``digits``
-dataset) labels generated 8x8 digits. A sample counts as recognisable when the classifier is
-confident *and* the sample lies as close to some real digit as real held-out digits do (a
-linear classifier alone is confidently wrong on noise). Good samples are mostly recognisable and
-cover all ten classes. It is the quick check of the README's demo:
-
-  python -m diffusion_jax.evaluate digits --samples out/digits/generated/samples.npz
+- ``nll --workdir DIR [--split test]``: the variational bound in bits/dim, all T terms
+  (:mod:`diffusion_jax.likelihood`), printed and written as JSON into the workdir.
+- ``ref-stats --dataset NAME --out STATS.npz`` and ``fid --workdir DIR --ref STATS.npz``:
+  Inception statistics and FID/IS (:mod:`diffusion_jax.fid`; the Inception weights are a file
+  you supply), and ``convert-inception`` to produce that file from pytorch-fid's weights.
+- ``digits --samples F.npz``: a classifier trained on the real digits (the train split of the
+  offline ``digits`` dataset) labels generated 8x8 digits. A sample counts as recognisable when
+  the classifier is confident *and* the sample lies as close to some real digit as real
+  held-out digits do (a linear classifier alone is confidently wrong on noise). Good samples
+  are mostly recognisable and cover all ten classes. It is the quick check of the demo.
 """
 
 from __future__ import annotations
@@ -26,15 +19,19 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import logging
-import math
-import os
-import re
 import sys
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
+
+from diffusion_jax.likelihood import (
+    Run,
+    format_nll,
+    nll_from_workdir,
+    nll_of_source,
+    restore_run,
+)
 
 __all__ = [
     "DIGITS_CONFIDENCE",
@@ -123,413 +120,8 @@ def digits_report(images: np.ndarray, confidence: float = DIGITS_CONFIDENCE) -> 
     }
 
 
-# ----------------------------------------------------------------------------- restoring a run
-
-
-class Run(NamedTuple):
-    """A trained model restored from a workdir, ready to evaluate or sample."""
-
-    config: Any  # ml_collections.ConfigDict saved with the checkpoint
-    info: Any  # data.DatasetInfo of config.data.name
-    data_shape: tuple[int, ...]  # (H, W, C) or (D,)
-    model: Any  # the Linen module
-    model_fn: Any  # its model_fn(params, x_t, t, **kwargs), one object per model (no dropout)
-    schedule: Any  # schedules.Schedule
-    params: Any  # the restored parameters, replicated over ``mesh``
-    step: int  # the checkpoint's step
-    which: str  # "ema" or "raw"
-    mesh: Any  # jax.sharding.Mesh the params live on
-
-
-def restore_run(
-    workdir: str,
-    *,
-    which: str = "ema",
-    checkpoint_step: int | None = None,
-    data_dir: str | None = None,
-    mesh=None,
-) -> Run:
-    """Restores a workdir's config, model and parameters (no optimiser state, no random init).
-
-    Args:
-      workdir: a training run's directory (with ``checkpoints/``).
-      which: ``"ema"`` for the EMA parameters, ``"raw"`` for the trained ones.
-      checkpoint_step: the checkpoint to read; None for the newest readable one (falling back
-        past unreadable ones with a warning).
-      data_dir: TFDS data directory, overriding the one saved in the config.
-      mesh: devices to replicate the params over (default: every device).
-
-    Returns:
-      A :class:`Run`.
-
-    Raises:
-      FileNotFoundError: the workdir has no checkpoint.
-      ValueError: a bad ``which`` or a ``checkpoint_step`` that does not exist.
-    """
-    import ml_collections
-
-    from diffusion_jax import checkpoint as checkpoint_lib
-    from diffusion_jax import configuration, data, sharding
-    from diffusion_jax.sampling_lib import _abstract_params, _eval_model_fn
-
-    if which not in ("ema", "raw"):
-        raise ValueError(f"--params must be 'ema' or 'raw', got {which!r}.")
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    manager = checkpoint_lib.CheckpointManager(ckpt_dir)
-    available = manager.all_steps()
-    if not available:
-        manager.close()
-        raise FileNotFoundError(f"No checkpoint in {ckpt_dir}: train first with train.py.")
-    if checkpoint_step is not None and checkpoint_step not in available:
-        manager.close()
-        raise ValueError(f"No checkpoint at step {checkpoint_step}; available: {available}.")
-    candidates = [checkpoint_step] if checkpoint_step is not None else sorted(available)[::-1]
-    config = ml_collections.ConfigDict(manager.read_config(candidates[0]))
-    manager.close()
-    data_dir = data_dir or config.data.data_dir or None
-    info = data.get_dataset_info(config.data.name, data_dir=data_dir)
-    data_shape = info.element_shape(config.data.image_size or None)
-    mesh = sharding.make_mesh() if mesh is None else mesh
-    model = configuration.build_model(config, data_shape, info.num_classes)
-    abstract = _abstract_params(model, data_shape, bool(config.model.class_conditional), mesh)
-    for index, step in enumerate(candidates):
-        # An explicit step never falls back, so the step we report is the one we read.
-        try:
-            params = checkpoint_lib.restore_params(
-                ckpt_dir, abstract, which="ema_params" if which == "ema" else "params", step=step
-            )
-            break
-        except checkpoint_lib.CheckpointError:
-            if index == len(candidates) - 1:
-                raise
-            logging.warning(
-                "Checkpoint %d of %s is unreadable; trying an older one.", step, workdir
-            )
-    return Run(
-        config=config,
-        info=info,
-        data_shape=tuple(data_shape),
-        model=model,
-        model_fn=_eval_model_fn(model),
-        schedule=configuration.build_schedule(config),
-        params=params,
-        step=int(step),
-        which=which,
-        mesh=mesh,
-    )
-
-
-# ----------------------------------------------------------------------------- likelihood
-
-
-@functools.lru_cache(maxsize=8)
-def _batch_nll_fn(model_fn, parameterization, variance, clip_x0, num_bins, conditional):
-    """One compiled bound per (model, options); jit then compiles once per batch shape."""
-    import jax
-    import jax.numpy as jnp
-
-    from diffusion_jax import losses
-
-    def one_example(params, schedule, key, image, label, index):
-        x0 = image.astype(jnp.float32)[None] / 127.5 - 1.0
-        terms = losses.nll_bpd(
-            model_fn,
-            params,
-            schedule,
-            x0,
-            # The noise of example i is a function of (seed, i): batch size and device count
-            # do not change the result.
-            jax.random.fold_in(key, index),
-            parameterization=parameterization,
-            variance=variance,
-            clip_x0=clip_x0,
-            model_kwargs={"y": label[None]} if conditional else None,
-            num_bins=num_bins,
-        )
-        return terms.prior_bpd[0], terms.terms_bpd[0]
-
-    @jax.jit
-    def batch_nll(params, schedule, key, images, labels, indices):
-        return jax.vmap(one_example, in_axes=(None, None, None, 0, 0, 0))(
-            params, schedule, key, images, labels, indices
-        )
-
-    return batch_nll
-
-
-def nll_of_source(
-    model_fn,
-    params: Any,
-    schedule,
-    source,
-    *,
-    num: int | None = None,
-    batch_size: int = 64,
-    seed: int = 0,
-    parameterization: str = "eps",
-    variance: str = "fixed_small",
-    clip_x0: bool = True,
-    conditional: bool = False,
-    image_size: int | None = None,
-    num_bins: int = 256,
-    mesh=None,
-    progress: bool = False,
-) -> dict[str, Any]:
-    """The variational bound of the first ``num`` images of a record source, in bits/dim.
-
-    Each batch runs :func:`diffusion_jax.losses.nll_bpd` (all T terms) under one ``jax.jit``,
-    split over the devices of ``mesh``; the last batch is padded to the same shape, so the
-    bound compiles once. Sums are kept in float64 on the host.
-
-    Args:
-      model_fn: ``model_fn(params, x_t, t, **model_kwargs) -> output``; pass the same object
-        on every call to reuse the compiled bound.
-      params: the model's parameters.
-      schedule: the diffusion's tables.
-      source: anything with ``len(source)`` and ``source.read(indices) -> {"image": uint8
-        [B, H, W, C] (or a list of [H, W, C]), "label": int [B]}`` (a ``data`` record source).
-      num: examples to score (the first ``num`` in stored order); None for all.
-      batch_size: examples per compiled call, rounded up to a multiple of the mesh size.
-      seed: seeds the noise; example ``i`` gets the noise of ``fold_in(key(seed), i)``.
-      parameterization, variance, clip_x0: how the model was trained / is read, see
-        :func:`diffusion_jax.diffusion.p_mean_variance`.
-      conditional: pass the source's labels to the model as ``y``.
-      image_size: resize and centre-crop images to this size first (as training did).
-      num_bins: levels of the data (256 for 8-bit images).
-      mesh: devices to split each batch over (default: every device).
-      progress: show a progress bar over batches.
-
-    Returns:
-      ``{"num_examples", "num_timesteps", "decoder_bpd" (L_0), "transitions_bpd" (the sum of
-      L_1..L_{T-1}), "prior_bpd" (L_T), "total_bpd" (their sum), "total_bpd_stderr" (standard
-      error of the mean over examples), "terms_bpd" (list of T means; [0] is L_0)}``, means
-      over the examples.
-
-    Raises:
-      ValueError: a source without uint8 images, or a bad ``num`` / ``batch_size``.
-
-    Example:
-      >>> _, source = data.open_split("digits", split="test")  # doctest: +SKIP
-      >>> nll_of_source(model_fn, params, schedule, source, num=256)["total_bpd"]  # doctest: +SKIP
-    """
-    import jax
-    from tqdm.auto import tqdm
-
-    from diffusion_jax import sharding
-    from diffusion_jax.data import resize_and_center_crop
-    from diffusion_jax.sampling_lib import _to_host
-
-    total = len(source)
-    num = total if num is None else num
-    if not 1 <= num <= total:
-        raise ValueError(f"num must lie in [1, {total}] (the split's size), got {num}.")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    mesh = sharding.make_mesh() if mesh is None else mesh
-    batch_size = -(-min(batch_size, num) // mesh.size) * mesh.size
-    batch_sharding = sharding.data_sharding(mesh)
-    replicated = sharding.replicated(mesh)
-    params = jax.device_put(params, replicated)
-    schedule = jax.device_put(schedule, replicated)
-    key = jax.random.key(seed)
-    batch_nll = _batch_nll_fn(
-        model_fn, parameterization, variance, bool(clip_x0), num_bins, conditional
-    )
-
-    def to_device(host: np.ndarray) -> jax.Array:
-        return jax.make_array_from_callback(host.shape, batch_sharding, lambda i: host[i])
-
-    num_timesteps = schedule.num_timesteps
-    prior_sum, terms_sum = 0.0, np.zeros(num_timesteps, np.float64)
-    totals = []
-    starts = range(0, num, batch_size)
-    bar = tqdm(starts, disable=not progress, unit="batch", desc="bits/dim")
-    for start in bar:
-        indices = np.arange(start, start + batch_size)
-        valid = int(min(batch_size, num - start))
-        # The padded tail repeats the last example and is dropped below.
-        record = source.read(np.minimum(indices, num - 1))
-        if "image" not in record:
-            raise ValueError(
-                "bits/dim needs uint8 images (record key 'image'); the source yields "
-                f"{sorted(record)}."
-            )
-        images = record["image"]
-        if image_size is not None:
-            images = [resize_and_center_crop(np.asarray(im), image_size) for im in images]
-        images = np.stack(images) if isinstance(images, list) else np.asarray(images)
-        if images.dtype != np.uint8 or images.ndim != 4:
-            raise ValueError(
-                f"bits/dim needs uint8 [B, H, W, C] images, got {images.dtype} {images.shape}."
-            )
-        labels = np.asarray(record.get("label", np.zeros(batch_size)), np.int32)
-        prior, terms = batch_nll(
-            params,
-            schedule,
-            key,
-            to_device(images),
-            to_device(labels),
-            to_device(indices.astype(np.int32)),
-        )
-        prior = _to_host(prior).astype(np.float64)[:valid]
-        terms = _to_host(terms).astype(np.float64)[:valid]
-        prior_sum += prior.sum()
-        terms_sum += terms.sum(axis=0)
-        totals.append(prior + terms.sum(axis=1))
-        bar.set_postfix(bpd=f"{np.mean(np.concatenate(totals)):.4f}")
-    bar.close()
-    totals = np.concatenate(totals)
-    terms_mean = terms_sum / num
-    decoder, transitions, prior_mean = terms_mean[0], terms_mean[1:].sum(), prior_sum / num
-    stderr = totals.std(ddof=1) / math.sqrt(num) if num > 1 else float("nan")
-    return {
-        "num_examples": int(num),
-        "num_timesteps": int(num_timesteps),
-        "decoder_bpd": float(decoder),
-        "transitions_bpd": float(transitions),
-        "prior_bpd": float(prior_mean),
-        "total_bpd": float(decoder + transitions + prior_mean),
-        "total_bpd_stderr": float(stderr),
-        "terms_bpd": terms_mean.tolist(),
-    }
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")
-
-
-def nll_from_workdir(
-    workdir: str,
-    *,
-    split: str = "test",
-    num: int | None = None,
-    batch_size: int = 64,
-    which: str = "ema",
-    checkpoint_step: int | None = None,
-    seed: int = 0,
-    clip_x0: bool | None = None,
-    data_dir: str | None = None,
-    write: bool = True,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """``evaluate nll``'s job: the bound of a checkpoint on a dataset split, in bits/dim.
-
-    Args:
-      workdir: a training run's directory.
-      split: the dataset split to score (TFDS slices like ``"test[:1000]"`` work too).
-      num: score the first ``num`` examples of the split; None for all.
-      batch_size: examples per compiled call.
-      which: ``"ema"`` or ``"raw"`` parameters.
-      checkpoint_step: the checkpoint to read; None for the newest.
-      seed: seeds the noise of every term.
-      clip_x0: clip the predicted x0 to [-1, 1] in each term (improved-diffusion reports the
-        bound with clipping); None follows the config's ``diffusion.clip_x0``.
-      data_dir: TFDS data directory, overriding the config's.
-      write: write the result as JSON into the workdir (process 0 only).
-      progress: show a progress bar over batches.
-
-    Returns:
-      The dict of :func:`nll_of_source` plus ``workdir``, ``dataset``, ``split``, ``params``,
-      ``step``, ``seed``, ``clip_x0``, ``num_bins``, ``parameterization``, ``variance``,
-      ``conditional``, ``notes`` and, when written, ``json_path``.
-
-    Raises:
-      ValueError: 2-D (vector) data, whose continuous values have no discretised decoder.
-
-    Example:
-      >>> result = nll_from_workdir("workdirs/digits", split="test", num=1000)  # doctest: +SKIP
-      >>> print(format_nll(result))  # L_0, L_1..L_{T-1}, L_T, total  # doctest: +SKIP
-    """
-    import jax
-
-    from diffusion_jax import data
-
-    run = restore_run(workdir, which=which, checkpoint_step=checkpoint_step, data_dir=data_dir)
-    config, info = run.config, run.info
-    if info.kind != "image":
-        raise ValueError(
-            f"bits/dim needs 8-bit image data: {config.data.name!r} holds continuous "
-            f"{info.kind} data {info.shape}, for which the discretised decoder L_0 (and so a "
-            "bits/dim figure) does not apply. Its held-out loss is eval_loss in metrics.jsonl."
-        )
-    _, source = data.open_split(config.data.name, split=split, data_dir=info.data_dir)
-    clip = bool(config.diffusion.clip_x0) if clip_x0 is None else bool(clip_x0)
-    conditional = bool(config.model.class_conditional)
-    result = nll_of_source(
-        run.model_fn,
-        run.params,
-        run.schedule,
-        source,
-        num=num,
-        batch_size=batch_size,
-        seed=seed,
-        parameterization=config.diffusion.parameterization,
-        variance=config.diffusion.variance,
-        clip_x0=clip,
-        conditional=conditional,
-        image_size=config.data.image_size or None,
-        mesh=run.mesh,
-        progress=progress and jax.process_index() == 0,
-    )
-    full = result["num_examples"] == len(source)
-    result = {
-        "workdir": os.path.abspath(workdir),
-        "dataset": config.data.name,
-        "split": split,
-        "params": which,
-        "step": run.step,
-        "seed": seed,
-        "clip_x0": clip,
-        "num_bins": 256,
-        "parameterization": config.diffusion.parameterization,
-        "variance": config.diffusion.variance,
-        "conditional": conditional,
-        "notes": info.notes,
-        **result,
-    }
-    if write and jax.process_index() == 0:
-        name = f"nll_{_slug(split)}_{which}_step{run.step}"
-        name += "" if full else f"_n{result['num_examples']}"
-        path = os.path.join(workdir, name + ".json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(result, f, indent=2)
-        os.replace(path + ".tmp", path)
-        result["json_path"] = path
-    return result
-
-
-def format_nll(result: dict[str, Any]) -> str:
-    """The bound as the DDPM / improved-DDPM papers report it, one term per line.
-
-    Args:
-      result: a dict from :func:`nll_from_workdir` (or :func:`nll_of_source`).
-
-    Returns:
-      Lines of text; the last one holds the total and says "bits/dim".
-    """
-    big_t = result["num_timesteps"]
-    where = ""
-    if "dataset" in result:
-        where = (
-            f" on {result['num_examples']} examples of {result['dataset']}:{result['split']}, "
-            f"{result['params']} params at step {result['step']}, clip_x0={result['clip_x0']}"
-        )
-    rows = [
-        ("L_0", "decoder -log p(x_0 | x_1)", result["decoder_bpd"]),
-        (f"L_1..L_{big_t - 1}", f"sum of the {big_t - 1} KL terms", result["transitions_bpd"]),
-        ("L_T", "prior KL(q(x_T | x_0) || N(0, I))", result["prior_bpd"]),
-    ]
-    lines = [f"variational bound, T = {big_t}{where}; terms in bits per dimension:"]
-    lines += [f"  {name:<12} {what:<36} {value:9.5f}" for name, what, value in rows]
-    total = f"{result['total_bpd']:9.5f} +- {result['total_bpd_stderr']:.5f} bits/dim"
-    lines.append(f"  {'total':<12} {'NLL <= L_0 + sum + L_T':<36} {total}")
-    if result.get("notes"):
-        lines.append(f"note: {result['notes']}")
-    return "\n".join(lines)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: ``python -m diffusion_jax.evaluate {nll,digits} ...``."""
+    """Command line: ``python -m diffusion_jax.evaluate {nll,digits,ref-stats,fid,...} ...``."""
     parser = argparse.ArgumentParser(prog="python -m diffusion_jax.evaluate")
     sub = parser.add_subparsers(dest="command", required=True)
     nll_parser = sub.add_parser("nll", help="variational bound in bits/dim of a checkpoint")
@@ -552,7 +144,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     digits_parser.add_argument(
         "--min_recognisable", type=float, default=0.0, help="exit 1 below this fraction"
     )
+    from diffusion_jax import fid
+
+    fid.add_subcommands(sub)
     args = parser.parse_args(argv)
+    if getattr(args, "func", None) is not None:
+        return args.func(args)
     if args.command == "nll":
         try:
             result = nll_from_workdir(
