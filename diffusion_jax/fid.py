@@ -474,10 +474,7 @@ def fid_from_workdir(
     Returns:
       ``{"fid", "inception_score", "inception_score_std", "num", "step", ...settings, "json"}``.
     """
-    import ml_collections
-
-    from diffusion_jax import checkpoint as checkpoint_lib
-    from diffusion_jax import configuration, data, samplers, sampling_lib, sharding
+    from diffusion_jax import samplers, sampling_lib
 
     if params not in ("ema", "raw"):
         raise ValueError(f"--params must be 'ema' or 'raw', got {params!r}.")
@@ -489,39 +486,25 @@ def fid_from_workdir(
     ref_mu, ref_sigma = load_statistics(ref_stats_path)
     variables = load_inception_variables(inception_weights)
 
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    manager = checkpoint_lib.CheckpointManager(ckpt_dir)
-    available = manager.all_steps()
-    if not available:
-        raise FileNotFoundError(f"No checkpoint in {ckpt_dir}: train first with train.py.")
-    if checkpoint_step is not None and checkpoint_step not in available:
-        raise ValueError(f"No checkpoint at step {checkpoint_step}; available: {available}.")
-    config = ml_collections.ConfigDict(manager.read_config(checkpoint_step))
-    manager.close()
+    run = sampling_lib.restore_run(workdir, which=params, checkpoint_step=checkpoint_step)
+    config, info, data_shape = run.config, run.info, run.data_shape
     steps = config.diffusion.num_timesteps if steps is None else steps
     if not 1 <= steps <= config.diffusion.num_timesteps:
         raise ValueError(f"--steps must lie in [1, {config.diffusion.num_timesteps}], got {steps}.")
-    info = data.get_dataset_info(config.data.name, data_dir=config.data.data_dir or None)
     if info.kind != "image":
         raise ValueError(f"FID needs an image model; {config.data.name!r} is {info.kind} data.")
-    data_shape = info.element_shape(config.data.image_size or None)
     conditional = bool(config.model.class_conditional)
     labels = np.arange(num, dtype=np.int32) % info.num_classes if conditional else None
     if guidance is not None and labels is None:
         raise ValueError("--guidance needs a class-conditional model.")
-
-    mesh = sharding.make_mesh()
+    mesh = run.mesh
     batch_size = -(-(batch_size or min(num, 64)) // mesh.size) * mesh.size
-    model = configuration.build_model(config, data_shape, info.num_classes)
-    abstract = sampling_lib._abstract_params(model, data_shape, conditional, mesh)
-    which = "ema_params" if params == "ema" else "params"
-    restored = checkpoint_lib.restore_params(ckpt_dir, abstract, which=which, step=checkpoint_step)
     start = time.time()
     samples = sampling_lib.generate(
         config,
-        model,
-        configuration.build_schedule(config),
-        restored,
+        run.model,
+        run.schedule,
+        run.params,
         data_shape,
         num=num,
         batch_size=batch_size,
@@ -546,7 +529,7 @@ def fid_from_workdir(
         "inception_score": score,
         "inception_score_std": score_std,
         "num": num,
-        "step": checkpoint_step if checkpoint_step is not None else max(available),
+        "step": run.step,
         "params": params,
         "method": method,
         "steps": steps,

@@ -8,9 +8,10 @@ seed gives the same samples whatever the batch size or device count.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,8 +22,10 @@ from diffusion_jax import plots, samplers, sharding
 from diffusion_jax.models import make_model_fn
 
 __all__ = [
+    "Run",
     "generate",
     "parse_labels",
+    "restore_run",
     "sample_from_workdir",
     "to_uint8",
     "write_samples",
@@ -220,6 +223,96 @@ def _abstract_params(model, data_shape, conditional: bool, mesh) -> Any:
     )
 
 
+class Run(NamedTuple):
+    """A trained model restored from a workdir, ready to evaluate or sample."""
+
+    config: Any  # ml_collections.ConfigDict saved with the checkpoint
+    info: Any  # data.DatasetInfo of config.data.name
+    data_shape: tuple[int, ...]  # (H, W, C) or (D,)
+    model: Any  # the Linen module
+    model_fn: Any  # its model_fn(params, x_t, t, **kwargs), one object per model (no dropout)
+    schedule: Any  # schedules.Schedule
+    params: Any  # the restored parameters, replicated over ``mesh``
+    step: int  # the checkpoint's step
+    which: str  # "ema" or "raw"
+    mesh: Any  # jax.sharding.Mesh the params live on
+
+
+def restore_run(
+    workdir: str,
+    *,
+    which: str = "ema",
+    checkpoint_step: int | None = None,
+    data_dir: str | None = None,
+    mesh=None,
+) -> Run:
+    """Restores a workdir's config, model and parameters (no optimiser state, no random init).
+
+    Args:
+      workdir: a training run's directory (with ``checkpoints/``).
+      which: ``"ema"`` for the EMA parameters, ``"raw"`` for the trained ones.
+      checkpoint_step: the checkpoint to read; None for the newest readable one (falling back
+        past unreadable ones with a warning).
+      data_dir: TFDS data directory, overriding the one saved in the config.
+      mesh: devices to replicate the params over (default: every device).
+
+    Returns:
+      A :class:`Run`.
+
+    Raises:
+      FileNotFoundError: the workdir has no checkpoint.
+      ValueError: a bad ``which`` or a ``checkpoint_step`` that does not exist.
+    """
+    from diffusion_jax import checkpoint as checkpoint_lib
+    from diffusion_jax import configuration, data
+
+    if which not in ("ema", "raw"):
+        raise ValueError(f"--params must be 'ema' or 'raw', got {which!r}.")
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    manager = checkpoint_lib.CheckpointManager(ckpt_dir)
+    available = manager.all_steps()
+    if not available:
+        manager.close()
+        raise FileNotFoundError(f"No checkpoint in {ckpt_dir}: train first with train.py.")
+    if checkpoint_step is not None and checkpoint_step not in available:
+        manager.close()
+        raise ValueError(f"No checkpoint at step {checkpoint_step}; available: {available}.")
+    candidates = [checkpoint_step] if checkpoint_step is not None else sorted(available)[::-1]
+    config = ml_collections.ConfigDict(manager.read_config(candidates[0]))
+    manager.close()
+    data_dir = data_dir or config.data.data_dir or None
+    info = data.get_dataset_info(config.data.name, data_dir=data_dir)
+    data_shape = info.element_shape(config.data.image_size or None)
+    mesh = sharding.make_mesh() if mesh is None else mesh
+    model = configuration.build_model(config, data_shape, info.num_classes)
+    abstract = _abstract_params(model, data_shape, bool(config.model.class_conditional), mesh)
+    for index, step in enumerate(candidates):
+        # An explicit step never falls back, so the step we report is the one we read.
+        try:
+            params = checkpoint_lib.restore_params(
+                ckpt_dir, abstract, which="ema_params" if which == "ema" else "params", step=step
+            )
+            break
+        except checkpoint_lib.CheckpointError:
+            if index == len(candidates) - 1:
+                raise
+            logging.warning(
+                "Checkpoint %d of %s is unreadable; trying an older one.", step, workdir
+            )
+    return Run(
+        config=config,
+        info=info,
+        data_shape=tuple(data_shape),
+        model=model,
+        model_fn=_eval_model_fn(model),
+        schedule=configuration.build_schedule(config),
+        params=params,
+        step=int(step),
+        which=which,
+        mesh=mesh,
+    )
+
+
 def parse_labels(text: str | None, num: int, num_classes: int | None) -> np.ndarray | None:
     """``"0,1,2"`` -> labels repeated to ``num``; validated against ``num_classes`` on the host."""
     if not text:
@@ -264,58 +357,33 @@ def sample_from_workdir(
     Returns:
       The paths written, by kind (``grid``, ``npz``, ``images``).
     """
-    from diffusion_jax import checkpoint as checkpoint_lib
-    from diffusion_jax import configuration, data
-
-    if which not in ("ema", "raw"):
-        raise ValueError(f"--params must be 'ema' or 'raw', got {which!r}.")
     if method not in samplers.METHODS:
         raise ValueError(f"Unknown --method {method!r}; expected one of {samplers.METHODS}.")
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    manager = checkpoint_lib.CheckpointManager(ckpt_dir)
-    available = manager.all_steps()
-    if not available:
-        raise FileNotFoundError(f"No checkpoint in {ckpt_dir}: train first with train.py.")
-    if checkpoint_step is not None and checkpoint_step not in available:
-        raise ValueError(f"No checkpoint at step {checkpoint_step}; available: {available}.")
-    config = ml_collections.ConfigDict(manager.read_config(checkpoint_step))
-    manager.close()
+    if num < 1:
+        raise ValueError(f"--num must be >= 1, got {num}.")
+    run = restore_run(workdir, which=which, checkpoint_step=checkpoint_step)
+    config, info, data_shape = run.config, run.info, run.data_shape
     num_timesteps = config.diffusion.num_timesteps
     steps = num_timesteps if steps is None else steps
     if not 1 <= steps <= num_timesteps:
         raise ValueError(
             f"--steps must lie in [1, {num_timesteps}] (T of this model), got {steps}."
         )
-    if num < 1:
-        raise ValueError(f"--num must be >= 1, got {num}.")
-
-    info = data.get_dataset_info(config.data.name, data_dir=config.data.data_dir or None)
     is_image = info.kind == "image"
-    data_shape = info.element_shape(config.data.image_size or None)
     conditional = bool(config.model.class_conditional)
     label_array = parse_labels(labels, num, info.num_classes if conditional else None)
     if guidance is not None and label_array is None:
         raise ValueError("--guidance needs --labels (classifier-free guidance is conditional).")
     if conditional and label_array is None:
         label_array = np.arange(num, dtype=np.int32) % info.num_classes
-
-    mesh = sharding.make_mesh()
+    mesh = run.mesh
     batch_size = batch_size or min(num, 64)
     batch_size = -(-batch_size // mesh.size) * mesh.size
-    model = configuration.build_model(config, data_shape, info.num_classes)
-    schedule = configuration.build_schedule(config)
-    abstract = _abstract_params(model, data_shape, conditional, mesh)
-    params = checkpoint_lib.restore_params(
-        ckpt_dir,
-        abstract,
-        which="ema_params" if which == "ema" else "params",
-        step=checkpoint_step,
-    )
     samples = generate(
         config,
-        model,
-        schedule,
-        params,
+        run.model,
+        run.schedule,
+        run.params,
         data_shape,
         num=num,
         batch_size=batch_size,
@@ -351,6 +419,7 @@ def sample_from_workdir(
                 )
             written["images"] = folder
     else:
+        from diffusion_jax import data
         from diffusion_jax.data import toy
 
         written["npz"] = os.path.join(out, "samples.npz")
