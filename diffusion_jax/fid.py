@@ -487,7 +487,7 @@ def fid_from_workdir(
     variables = load_inception_variables(inception_weights)
 
     run = sampling_lib.restore_run(workdir, which=params, checkpoint_step=checkpoint_step)
-    config, info, data_shape = run.config, run.info, run.data_shape
+    config, info = run.config, run.info
     steps = config.diffusion.num_timesteps if steps is None else steps
     if not 1 <= steps <= config.diffusion.num_timesteps:
         raise ValueError(f"--steps must lie in [1, {config.diffusion.num_timesteps}], got {steps}.")
@@ -497,30 +497,21 @@ def fid_from_workdir(
     labels = np.arange(num, dtype=np.int32) % info.num_classes if conditional else None
     if guidance is not None and labels is None:
         raise ValueError("--guidance needs a class-conditional model.")
-    mesh = run.mesh
-    batch_size = -(-(batch_size or min(num, 64)) // mesh.size) * mesh.size
     start = time.time()
-    samples = sampling_lib.generate(
-        config,
-        run.model,
-        run.schedule,
-        run.params,
-        data_shape,
+    samples = sampling_lib.generate_from_run(
+        run,
         num=num,
         batch_size=batch_size,
         seed=seed,
         method=method,
         num_steps=steps,
         eta=eta,
-        is_image=True,
         labels=labels,
-        null_label=info.num_classes,
         guidance_scale=guidance,
-        mesh=mesh,
-        progress=progress and jax.process_index() == 0,
+        progress=progress,
     )
     sampling_seconds = time.time() - start
-    pool, logits = FeatureExtractor(variables, batch_size=inception_batch_size, mesh=mesh)(
+    pool, logits = FeatureExtractor(variables, batch_size=inception_batch_size, mesh=run.mesh)(
         sampling_lib.to_uint8(samples)
     )
     score, score_std = inception_score(logits, _num_splits(num))

@@ -24,6 +24,7 @@ from diffusion_jax.models import make_model_fn
 __all__ = [
     "Run",
     "generate",
+    "generate_from_run",
     "parse_labels",
     "restore_run",
     "sample_from_workdir",
@@ -313,6 +314,46 @@ def restore_run(
     )
 
 
+def generate_from_run(
+    run: Run,
+    *,
+    num: int,
+    batch_size: int | None,
+    seed: int,
+    method: str,
+    num_steps: int,
+    eta: float = 0.0,
+    labels: np.ndarray | None = None,
+    guidance_scale: float | None = None,
+    progress: bool = True,
+) -> np.ndarray:
+    """:func:`generate` with a restored :class:`Run`'s model, params and mesh.
+
+    ``batch_size`` (default ``min(num, 64)``) is rounded up to a multiple of the device count.
+    """
+    batch_size = batch_size or min(num, 64)
+    batch_size = -(-batch_size // run.mesh.size) * run.mesh.size
+    return generate(
+        run.config,
+        run.model,
+        run.schedule,
+        run.params,
+        run.data_shape,
+        num=num,
+        batch_size=batch_size,
+        seed=seed,
+        method=method,
+        num_steps=num_steps,
+        eta=eta,
+        is_image=run.info.kind == "image",
+        labels=labels,
+        null_label=run.info.num_classes,
+        guidance_scale=guidance_scale,
+        mesh=run.mesh,
+        progress=progress and jax.process_index() == 0,
+    )
+
+
 def parse_labels(text: str | None, num: int, num_classes: int | None) -> np.ndarray | None:
     """``"0,1,2"`` -> labels repeated to ``num``; validated against ``num_classes`` on the host."""
     if not text:
@@ -362,7 +403,7 @@ def sample_from_workdir(
     if num < 1:
         raise ValueError(f"--num must be >= 1, got {num}.")
     run = restore_run(workdir, which=which, checkpoint_step=checkpoint_step)
-    config, info, data_shape = run.config, run.info, run.data_shape
+    config, info = run.config, run.info
     num_timesteps = config.diffusion.num_timesteps
     steps = num_timesteps if steps is None else steps
     if not 1 <= steps <= num_timesteps:
@@ -376,27 +417,17 @@ def sample_from_workdir(
         raise ValueError("--guidance needs --labels (classifier-free guidance is conditional).")
     if conditional and label_array is None:
         label_array = np.arange(num, dtype=np.int32) % info.num_classes
-    mesh = run.mesh
-    batch_size = batch_size or min(num, 64)
-    batch_size = -(-batch_size // mesh.size) * mesh.size
-    samples = generate(
-        config,
-        run.model,
-        run.schedule,
-        run.params,
-        data_shape,
+    samples = generate_from_run(
+        run,
         num=num,
         batch_size=batch_size,
         seed=seed,
         method=method,
         num_steps=steps,
         eta=eta,
-        is_image=is_image,
         labels=label_array,
-        null_label=info.num_classes,
         guidance_scale=guidance,
-        mesh=mesh,
-        progress=progress and jax.process_index() == 0,
+        progress=progress,
     )
     if jax.process_index() != 0:
         return {}
