@@ -53,9 +53,21 @@ def _random_images(rng: np.random.Generator, batch: int, shape) -> np.ndarray:
     return rng.integers(0, 256, (batch, *shape), dtype=np.uint8)
 
 
-def measure_case(size: str, dtype: str, batch: int, steps: int, scan_k: int, scan_max: float):
+def measure_case(
+    size: str,
+    dtype: str,
+    batch: int,
+    steps: int,
+    scan_k: int,
+    scan_max: float,
+    accumulate: int = 1,
+    prng: str = "",
+):
     """Everything about one (size, dtype, batch) in this process; returns a dict."""
+    if prng:
+        jax.config.update("jax_default_prng_impl", prng)
     config, shape = common.size_config(size, dtype, batch)
+    config.optim.accumulate_steps = accumulate
     peak = common.matmul_peak_gflops()
     load_before = common.load_average()[0]
     mesh = sharding.make_mesh(jax.devices()[:1])
@@ -152,6 +164,8 @@ def measure_case(size: str, dtype: str, batch: int, steps: int, scan_k: int, sca
         "size": size,
         "dtype": dtype,
         "batch": batch,
+        "accumulate_steps": accumulate,
+        "prng": prng or jax.config.jax_default_prng_impl,
         "params": params,
         "lower_s": lower_s,
         "compile_s": compile_s,
@@ -180,8 +194,16 @@ def main():
     parser.add_argument("--batches", nargs="+", type=int, help="batch sizes for every size")
     parser.add_argument("--steps", type=int, default=10, help="timed steps (small sizes)")
     parser.add_argument("--scan_k", type=int, default=4)
-    parser.add_argument("--scan_max_step_s", type=float, default=1.0)
+    parser.add_argument("--scan_max_step_s", type=float, default=0.3)
     parser.add_argument("--extrapolate", nargs="*", default=["cifar10"])
+    parser.add_argument(
+        "--accumulate", type=int, default=1, help="config.optim.accumulate_steps (micro-batches)"
+    )
+    parser.add_argument(
+        "--prng",
+        default="",
+        help="jax_default_prng_impl, e.g. rbg or unsafe_rbg (default threefry)",
+    )
     parser.add_argument("--out", default="train_step")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one case, JSON to stdout
     args = parser.parse_args()
@@ -191,7 +213,7 @@ def main():
         print(json.dumps(measure_case(**case), default=float))
         return
 
-    default_batches = {"digits": [64, 256], "issue": [16, 64], "c64": [8, 32], "cifar10": [4, 8]}
+    default_batches = {"digits": [64, 256], "issue": [16, 64], "c64": [8, 32], "cifar10": [4]}
     rows = []
     meta = common.machine()
     print(f"# {meta['date']}  {meta['cpu']} x{meta['cores']}  jax {meta['jax']}", flush=True)
@@ -206,6 +228,8 @@ def main():
                     "steps": 2 if extrapolated else args.steps,
                     "scan_k": 1 if extrapolated else args.scan_k,
                     "scan_max": args.scan_max_step_s,
+                    "accumulate": args.accumulate,
+                    "prng": args.prng,
                 }
                 result = common.run_isolated(__file__, ["--one", json.dumps(case)])
                 result.update(case_args=case, extrapolated=extrapolated)
@@ -237,8 +261,11 @@ def _print_row(r):
     extra = ""
     if "extrapolated_step_s" in r:
         extra = f"  -> b{r['extrapolated_batch']} ~{r['extrapolated_step_s']:.1f} s/step (extrap.)"
+    variant = f" acc{r['accumulate_steps']}" if r["accumulate_steps"] > 1 else ""
+    variant += f" {r['prng']}" if r["prng"] != "threefry2x32" else ""
     print(
-        f"{r['size']:8s} {r['dtype']:8s} b{r['batch']:<4d} params {r['params'] / 1e6:6.2f}M  "
+        f"{r['size']:8s}{variant} {r['dtype']:8s} b{r['batch']:<4d} "
+        f"params {r['params'] / 1e6:6.2f}M  "
         f"compile {r['lower_s'] + r['compile_s']:6.1f}s  "
         f"step {1e3 * r['step_s']['median']:8.1f} ms (min {1e3 * r['step_s']['min']:.1f}, "
         f"n={r['step_s']['n']})  {r['images_per_s']:7.1f} img/s  "
