@@ -499,8 +499,9 @@ def restore_params(
       CheckpointError: no checkpoint in ``directory``, or none readable.
       KeyError: the saved state has no top-level entry ``which``.
     """
-    manager = _open_reader(directory)
+    # orbax needs absolute paths; a relative one fails only when the arrays are read.
     directory = os.path.abspath(os.fspath(directory))
+    manager = _open_reader(directory)
     try:
 
         def read(s: int) -> Any:

@@ -111,6 +111,15 @@ def test_bad_requests_are_clear_errors(swiss_workdir, tmp_path, kwargs, error, m
         )
 
 
+def test_relative_workdir_path(swiss_workdir, tmp_path, monkeypatch):
+    monkeypatch.chdir(swiss_workdir.parent)
+    written = sampling_lib.sample_from_workdir(
+        swiss_workdir.name, out="relative_out", num=8, steps=5, progress=False
+    )
+    assert np.load(swiss_workdir.parent / "relative_out" / "samples.npz")["x"].shape == (8, 2)
+    assert written["npz"].endswith("samples.npz")
+
+
 def test_workdir_without_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="No checkpoint in"):
         sampling_lib.sample_from_workdir(str(tmp_path), out=str(tmp_path / "x"), progress=False)
