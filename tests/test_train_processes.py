@@ -1,0 +1,139 @@
+"""The trainer as separate processes: killed and resumed, preempted, and run as two
+``jax.distributed`` processes. Split from test_train.py so the two halves run in parallel."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import jax
+import numpy as np
+import trainer_helpers as h
+
+from diffusion_jax import checkpoint, train_lib
+
+KILL_RUN = dict(
+    h.TINY_SWISSROLL,
+    **{
+        "train.num_steps": 400,
+        "train.checkpoint_every": 100,
+        "train.log_every": 10,
+        "train.eval_every": 0,
+        "train.num_samples": 8,
+    },
+)
+
+
+def _wait_for(path, process, timeout=240.0):
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if process.poll() is not None:
+            raise AssertionError(f"run ended before {path} appeared:\n{process.stderr.read()}")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"{path} did not appear within {timeout} s")
+        time.sleep(0.05)
+
+
+def test_sigkill_then_resume_is_bit_exact(tmp_path):
+    reference = tmp_path / "reference"
+    config = h.apply_overrides(h.swissroll(), KILL_RUN)
+    train_lib.train_and_evaluate(config, str(reference))
+
+    workdir = tmp_path / "killed"
+    command = h.train_command("swissroll.py", workdir, h.flag_overrides(KILL_RUN))
+    process = subprocess.Popen(
+        command, cwd=h.REPO, env=h.subprocess_env(), stderr=subprocess.PIPE, text=True
+    )
+    _wait_for(workdir / "checkpoints" / "200", process)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    assert max(h.losses_by_step(workdir)) < 400, "the kill came too late to test anything"
+
+    resumed = h.run(command)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert h.losses_by_step(workdir) == h.losses_by_step(reference)
+    h.assert_trees_equal(h.final_params(workdir), h.final_params(reference))
+    h.assert_trees_equal(
+        h.final_params(workdir, "ema_params"), h.final_params(reference, "ema_params")
+    )
+
+
+def test_sigterm_checkpoints_and_stops(tmp_path):
+    workdir = tmp_path / "run"
+    flags = h.flag_overrides(KILL_RUN, **{"train.num_steps": 100_000, "train.checkpoint_every": 50})
+    process = subprocess.Popen(
+        h.train_command("swissroll.py", workdir, flags),
+        cwd=h.REPO,
+        env=h.subprocess_env(),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _wait_for(workdir / "checkpoints" / "50", process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-3000:]
+    assert "checkpoint saved at step" in stderr
+    manager = checkpoint.CheckpointManager(str(workdir / "checkpoints"))
+    latest = manager.latest_step()
+    manager.close()
+    assert 50 <= latest < 100_000
+    assert max(h.losses_by_step(workdir)) <= latest
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_processes_train_like_one(tmp_path):
+    """Two processes on localhost (jax.distributed over gloo, 2 CPU devices each) read their
+    halves of each global batch and give the losses of a single-process run."""
+    run = dict(h.TINY_SWISSROLL, **{"train.num_steps": 10, "train.log_every": 1})
+    run["train.eval_every"] = 0
+    reference = tmp_path / "reference"
+    train_lib.train_and_evaluate(h.apply_overrides(h.swissroll(), run), str(reference))
+
+    workdir = tmp_path / "distributed"
+    address = f"127.0.0.1:{_free_port()}"
+    processes = []
+    for process_id in range(2):
+        command = h.train_command("swissroll.py", workdir, h.flag_overrides(run)) + [
+            f"--coordinator_address={address}",
+            "--num_processes=2",
+            f"--process_id={process_id}",
+        ]
+        processes.append(
+            subprocess.Popen(
+                command,
+                cwd=h.REPO,
+                env=h.subprocess_env(devices=2),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    for process in processes:
+        try:
+            _, stderr = process.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            for p in processes:
+                p.kill()
+            raise
+        assert process.returncode == 0, stderr[-3000:]
+    distributed, single = h.losses_by_step(workdir), h.losses_by_step(reference)
+    assert sorted(distributed) == list(range(1, 11))
+    np.testing.assert_allclose(
+        [distributed[s] for s in range(1, 11)], [single[s] for s in range(1, 11)], rtol=2e-5
+    )
+    for a, b in zip(
+        jax.tree.leaves(h.final_params(workdir)),
+        jax.tree.leaves(h.final_params(reference)),
+        strict=True,
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
