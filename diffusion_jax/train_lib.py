@@ -231,10 +231,13 @@ def make_train_step(
                 return jnp.moveaxis(x, 1, 0)
 
             micro_labels = None if labels is None else split(labels)
+            # Unrolled: inside an XLA:CPU while loop the backward convolutions run 25-100x
+            # slower (benchmarks/README.md, "Variants and findings"); k is small.
             (params, opt_state), stacked = jax.lax.scan(
                 micro_step,
                 (state.params, state.opt_state),
                 (split(x0), micro_labels, jnp.arange(accumulate)),
+                unroll=True,
             )
             metrics = {
                 k: (v.reshape(-1) if v.ndim > 1 else jnp.mean(v)) for k, v in stacked.items()
