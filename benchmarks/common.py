@@ -119,6 +119,7 @@ def machine() -> dict[str, Any]:
         "optax": optax.__version__,
         "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "load_average": load_average(),
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
     }
