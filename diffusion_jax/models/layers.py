@@ -19,6 +19,16 @@ default_kernel_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform"
 zero_init = nn.initializers.zeros
 
 
+def require_dropout_key(module: nn.Module, train: bool, rate: float) -> None:
+    """Raises a ValueError saying how to pass the key when ``module`` would drop out (``train``
+    and ``rate > 0``) but was applied without ``rngs={"dropout": key}``."""
+    if train and rate > 0 and not module.has_rng("dropout"):
+        raise ValueError(
+            f"train=True with dropout={rate} needs a dropout key: "
+            "apply(..., train=True, rngs={'dropout': key})"
+        )
+
+
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
     """Sinusoidal embedding of (possibly fractional) timesteps, as in DDPM and the Transformer.
 

@@ -10,7 +10,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.models.layers import default_kernel_init, timestep_embedding, zero_init
+from diffusion_jax.models.layers import (
+    default_kernel_init,
+    require_dropout_key,
+    timestep_embedding,
+    zero_init,
+)
 
 Dtype = Any
 
@@ -73,11 +78,7 @@ class MLP(nn.Module):
                 f"this MLP is class-conditional (num_classes={self.num_classes}): pass integer "
                 f"labels y of shape ({x.shape[0]},); y={self.num_classes} is the null label"
             )
-        if train and self.dropout > 0 and not self.has_rng("dropout"):
-            raise ValueError(
-                f"train=True with dropout={self.dropout} needs a dropout key: "
-                "apply(..., train=True, rngs={'dropout': key})"
-            )
+        require_dropout_key(self, train, self.dropout)
 
     @nn.compact
     def __call__(

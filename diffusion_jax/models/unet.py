@@ -37,6 +37,7 @@ from diffusion_jax.models.layers import (
     GroupNorm,
     avg_pool_2x,
     default_kernel_init,
+    require_dropout_key,
     timestep_embedding,
     upsample_nearest_2x,
     zero_init,
@@ -273,11 +274,7 @@ class UNet(nn.Module):
                 )
             if y.shape != (batch,) or not jnp.issubdtype(y.dtype, jnp.integer):
                 raise ValueError(f"y must be integer labels of shape ({batch},); got {y.shape=}")
-        if train and self.dropout > 0 and not self.has_rng("dropout"):
-            raise ValueError(
-                f"train=True with dropout={self.dropout} needs a dropout key: "
-                "apply(..., train=True, rngs={'dropout': key})"
-            )
+        require_dropout_key(self, train, self.dropout)
 
     @nn.compact
     def __call__(
