@@ -58,7 +58,7 @@ noted. Milliseconds, "fwd | fwd+bwd".
       flax.linen.GroupNorm       201 / 143 | 2.76 / 1.70
       jax.image.resize           159 / 136 | 2.26 / 2.12
       remat=True                 151 / 151 | 3.25 / 2.73  (+25-38%)
-      dtype=bfloat16             189 / 184 | 2.29 / 2.22  (no bf16 units on this CPU)
+      dtype=bfloat16             189 / 184 | 2.29 / 2.22  (no faster, despite avx512_bf16)
       dropout=0                  171 / 179 | 2.04 / 2.00  (dropout's threefry masks ~10%)
       The 1.70 s is the one result against a choice; an 8-round rerun of chosen vs flax
       GroupNorm did not reproduce it: step min 2.12 vs 2.31 s, median 2.45 vs 2.60 s.
