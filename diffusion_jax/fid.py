@@ -474,12 +474,11 @@ def fid_from_workdir(
     Returns:
       ``{"fid", "inception_score", "inception_score_std", "num", "step", ...settings, "json"}``.
     """
-    from diffusion_jax import samplers, sampling_lib
+    from diffusion_jax import sampling_lib
 
     if params not in ("ema", "raw"):
         raise ValueError(f"--params must be 'ema' or 'raw', got {params!r}.")
-    if method not in samplers.METHODS:
-        raise ValueError(f"Unknown --method {method!r}; expected one of {samplers.METHODS}.")
+    sampling_lib.check_method(method)
     if num < 2:
         raise ValueError(f"--num must be >= 2 for a covariance, got {num}.")
     # Fail on missing inputs before sampling for hours.
@@ -488,9 +487,7 @@ def fid_from_workdir(
 
     run = sampling_lib.restore_run(workdir, which=params, checkpoint_step=checkpoint_step)
     config, info = run.config, run.info
-    steps = config.diffusion.num_timesteps if steps is None else steps
-    if not 1 <= steps <= config.diffusion.num_timesteps:
-        raise ValueError(f"--steps must lie in [1, {config.diffusion.num_timesteps}], got {steps}.")
+    steps = sampling_lib.resolve_steps(run, steps)
     if info.kind != "image":
         raise ValueError(f"FID needs an image model; {config.data.name!r} is {info.kind} data.")
     conditional = bool(config.model.class_conditional)

@@ -23,9 +23,11 @@ from diffusion_jax.models import make_model_fn
 
 __all__ = [
     "Run",
+    "check_method",
     "generate",
     "generate_from_run",
     "parse_labels",
+    "resolve_steps",
     "restore_run",
     "sample_from_workdir",
     "to_uint8",
@@ -204,11 +206,9 @@ def write_training_samples(
     if jax.process_index() != 0:
         return None
     out = os.path.join(workdir, "samples", f"step_{step:07d}.png")
-    reference = None
-    if not is_image:
-        from diffusion_jax.data import toy
+    from diffusion_jax.data import toy
 
-        reference = toy.toy_split(config.data.name, "train")[0]
+    reference = None if is_image else toy.reference_points(config.data.name)
     return write_samples(samples, out, is_image=is_image, data=reference)
 
 
@@ -314,6 +314,23 @@ def restore_run(
     )
 
 
+def check_method(method: str) -> None:
+    """A ValueError naming the sampler methods when ``method`` is not one of them."""
+    if method not in samplers.METHODS:
+        raise ValueError(f"Unknown --method {method!r}; expected one of {samplers.METHODS}.")
+
+
+def resolve_steps(run: Run, steps: int | None) -> int:
+    """The sampler steps for ``run``'s model: ``None`` means all T; others must lie in [1, T]."""
+    num_timesteps = run.config.diffusion.num_timesteps
+    steps = num_timesteps if steps is None else steps
+    if not 1 <= steps <= num_timesteps:
+        raise ValueError(
+            f"--steps must lie in [1, {num_timesteps}] (T of this model), got {steps}."
+        )
+    return steps
+
+
 def generate_from_run(
     run: Run,
     *,
@@ -398,18 +415,12 @@ def sample_from_workdir(
     Returns:
       The paths written, by kind (``grid``, ``npz``, ``images``).
     """
-    if method not in samplers.METHODS:
-        raise ValueError(f"Unknown --method {method!r}; expected one of {samplers.METHODS}.")
+    check_method(method)
     if num < 1:
         raise ValueError(f"--num must be >= 1, got {num}.")
     run = restore_run(workdir, which=which, checkpoint_step=checkpoint_step)
     config, info = run.config, run.info
-    num_timesteps = config.diffusion.num_timesteps
-    steps = num_timesteps if steps is None else steps
-    if not 1 <= steps <= num_timesteps:
-        raise ValueError(
-            f"--steps must lie in [1, {num_timesteps}] (T of this model), got {steps}."
-        )
+    steps = resolve_steps(run, steps)
     is_image = info.kind == "image"
     conditional = bool(config.model.class_conditional)
     label_array = parse_labels(labels, num, info.num_classes if conditional else None)
@@ -450,15 +461,10 @@ def sample_from_workdir(
                 )
             written["images"] = folder
     else:
-        from diffusion_jax import data
         from diffusion_jax.data import toy
 
         written["npz"] = os.path.join(out, "samples.npz")
         np.savez_compressed(written["npz"], x=samples.astype(np.float32))
-        reference = (
-            toy.toy_split(config.data.name, "train")[0]
-            if config.data.name in (data.TOY_DATASETS)
-            else None
-        )
+        reference = toy.reference_points(config.data.name)
         written["grid"] = plots.plot_points(samples, os.path.join(out, "scatter.png"), reference)
     return written

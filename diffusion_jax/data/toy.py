@@ -130,3 +130,8 @@ def toy_split(name: str, split: str) -> tuple[np.ndarray, np.ndarray | None]:
     if labels is not None:
         labels.flags.writeable = False
     return points, labels
+
+
+def reference_points(name: str) -> np.ndarray | None:
+    """The train points of toy set ``name`` (to draw samples over), or None for other data."""
+    return toy_split(name, "train")[0] if name in TOY_DATASETS else None
