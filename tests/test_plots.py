@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffusion_jax import plots
+from diffusion_jax import plots, run_plots
 
 
 def _assert_png_not_blank(path, min_size=(400, 200)):
@@ -102,7 +102,7 @@ def test_loss_figure(digits_workdir, tmp_path):
     assert plots.main(["loss", "--workdir", digits_workdir, "--out", str(out)]) == 0
     _assert_png_not_blank(out, min_size=(1200, 420))
     with pytest.raises(FileNotFoundError, match="No training losses"):
-        plots.plot_loss(str(tmp_path / "empty"), str(tmp_path / "x.png"))
+        run_plots.plot_loss(str(tmp_path / "empty"), str(tmp_path / "x.png"))
 
 
 def test_samples_figure_of_images(digits_workdir, tmp_path):
