@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from diffusion_jax import sharding
 from diffusion_jax.models import inception
 
 __all__ = [
@@ -163,14 +164,6 @@ def convert_torch_file(pth: str, out: str) -> str:
     return save_inception_variables(variables, out, source_sha256=digest)
 
 
-def _to_host(array: jax.Array) -> np.ndarray:
-    if array.is_fully_addressable:
-        return np.asarray(jax.device_get(array))
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
-
-
 def to_unit_rgb(images: jax.Array) -> jax.Array:
     """uint8 ``[B, H, W, 1 or 3]`` -> float32 RGB ``[B, H, W, 3]`` in [0, 1] (gray repeated),
     what pytorch-fid feeds its network (``ToTensor`` of the image)."""
@@ -202,8 +195,6 @@ class FeatureExtractor:
     """
 
     def __init__(self, variables: Any, *, batch_size: int = 200, mesh=None):
-        from diffusion_jax import sharding
-
         self.mesh = sharding.make_mesh() if mesh is None else mesh
         self.batch_size = -(-batch_size // self.mesh.size) * self.mesh.size
         self._sharding = sharding.data_sharding(self.mesh)
@@ -233,8 +224,8 @@ class FeatureExtractor:
                 padded.shape, self._sharding, lambda index, a=padded: a[index]
             )
             pool, logit = _features(self.variables, batch)
-            pools.append(_to_host(pool)[: len(chunk)])
-            logits.append(_to_host(logit)[: len(chunk)])
+            pools.append(sharding.to_host(pool)[: len(chunk)])
+            logits.append(sharding.to_host(logit)[: len(chunk)])
         if not pools:
             return np.zeros((0, inception.FEATURE_DIM), np.float32), np.zeros(
                 (0, inception.NUM_LOGITS), np.float32

@@ -124,7 +124,6 @@ def nll_of_source(
 
     from diffusion_jax import sharding
     from diffusion_jax.data import resize_and_center_crop
-    from diffusion_jax.sampling_lib import _to_host
 
     total = len(source)
     num = total if num is None else num
@@ -178,8 +177,8 @@ def nll_of_source(
             to_device(labels),
             to_device(indices.astype(np.int32)),
         )
-        prior = _to_host(prior).astype(np.float64)[:valid]
-        terms = _to_host(terms).astype(np.float64)[:valid]
+        prior = sharding.to_host(prior).astype(np.float64)[:valid]
+        terms = sharding.to_host(terms).astype(np.float64)[:valid]
         prior_sum += prior.sum()
         terms_sum += terms.sum(axis=0)
         totals.append(prior + terms.sum(axis=1))

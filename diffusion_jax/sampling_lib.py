@@ -47,15 +47,6 @@ def _eval_model_fn(model):
     return make_model_fn(model, train=False)
 
 
-def _to_host(array: jax.Array) -> np.ndarray:
-    """The whole of a (possibly multi-process) sharded array, on every process's host."""
-    if array.is_fully_addressable:
-        return np.asarray(jax.device_get(array))
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
-
-
 def _clip_option(config: ml_collections.ConfigDict, is_image: bool) -> Any:
     return bool(config.diffusion.clip_x0) and is_image
 
@@ -153,7 +144,7 @@ def generate(
             )
         # first_index is a traced value: one compilation serves every batch.
         samples = draw(params, batch_labels, jnp.int32(start))
-        chunks.append(_to_host(samples)[: num - start])
+        chunks.append(sharding.to_host(samples)[: num - start])
     return np.concatenate(chunks, axis=0)
 
 

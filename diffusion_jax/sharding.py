@@ -24,6 +24,7 @@ __all__ = [
     "initialize_distributed",
     "make_mesh",
     "replicated",
+    "to_host",
 ]
 
 DATA_AXIS = "data"
@@ -80,6 +81,15 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str,
             )
         out[name] = jax.make_array_from_process_local_data(sharding, value, global_shape)
     return out
+
+
+def to_host(array: jax.Array) -> np.ndarray:
+    """The whole of a (possibly multi-process) sharded array, as NumPy on every process."""
+    if array.is_fully_addressable:
+        return np.asarray(jax.device_get(array))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 
 def initialize_distributed(
