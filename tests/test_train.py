@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import trainer_helpers as h
 
-from diffusion_jax import checkpoint, configuration, train_lib
+from diffusion_jax import checkpoint, configuration, train_lib, train_step
 from diffusion_jax import data as data_lib
 from diffusion_jax import metrics as metrics_lib
 
@@ -201,14 +201,14 @@ def test_loss_history_and_importance_probabilities():
         loss_history=jax.numpy.zeros((num_timesteps, train_lib.HISTORY)),
         loss_counts=jax.numpy.zeros((num_timesteps,), jax.numpy.int32),
     )
-    np.testing.assert_allclose(train_lib._timestep_probs(state), np.full(4, 0.25))
+    np.testing.assert_allclose(train_step._timestep_probs(state), np.full(4, 0.25))
     rng = np.random.default_rng(0)
     history = np.zeros((num_timesteps, train_lib.HISTORY))
     counts = np.zeros(num_timesteps, int)
     for _ in range(8):
         t = rng.integers(0, num_timesteps, 16)
         loss = rng.uniform(0.5, 2.0, 16) * (t + 1)
-        state = train_lib._record_losses(state, jax.numpy.asarray(t), jax.numpy.asarray(loss))
+        state = train_step._record_losses(state, jax.numpy.asarray(t), jax.numpy.asarray(loss))
         for ti, li in zip(t, loss, strict=True):  # reference: keep the last HISTORY losses
             if counts[ti] < train_lib.HISTORY:
                 history[ti, counts[ti]] = li
@@ -220,7 +220,7 @@ def test_loss_history_and_importance_probabilities():
     assert counts.min() == train_lib.HISTORY
     weights = np.sqrt((history**2).mean(axis=1))
     expected = weights / weights.sum() * (1 - 1e-3) + 1e-3 / num_timesteps
-    np.testing.assert_allclose(train_lib._timestep_probs(state), expected, rtol=1e-5)
+    np.testing.assert_allclose(train_step._timestep_probs(state), expected, rtol=1e-5)
 
 
 def test_init_from_starts_from_another_runs_params(swiss_workdir, tmp_path):
