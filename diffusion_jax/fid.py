@@ -371,7 +371,7 @@ def fid_from_workdir(
     Returns:
       ``{"fid", "inception_score", "inception_score_std", "num", "step", ...settings, "json"}``.
     """
-    from diffusion_jax import sampling_lib
+    from diffusion_jax import runs, sampling_lib
 
     if params not in ("ema", "raw"):
         raise ValueError(f"--params must be 'ema' or 'raw', got {params!r}.")
@@ -382,7 +382,7 @@ def fid_from_workdir(
     ref_mu, ref_sigma = load_statistics(ref_stats_path)
     variables = load_inception_variables(inception_weights)
 
-    run = sampling_lib.restore_run(workdir, which=params, checkpoint_step=checkpoint_step)
+    run = runs.restore_run(workdir, which=params, checkpoint_step=checkpoint_step)
     config, info = run.config, run.info
     steps = sampling_lib.resolve_steps(run, steps)
     if info.kind != "image":

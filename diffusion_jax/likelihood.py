@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from diffusion_jax.sampling_lib import Run, restore_run
+from diffusion_jax.runs import Run, restore_run
 
 __all__ = ["Run", "format_nll", "nll_from_workdir", "nll_of_source", "restore_run"]
 

@@ -63,12 +63,12 @@ def plot_trajectory(
     """
     import jax
 
-    from diffusion_jax import likelihood, samplers, sampling_lib, sharding
+    from diffusion_jax import runs, samplers, sampling_lib, sharding
 
     if frames < 1:
         raise ValueError(f"frames must be >= 1, got {frames}.")
     # A handful of examples: one device, no resharding of the whole loop.
-    run = likelihood.restore_run(
+    run = runs.restore_run(
         workdir,
         which=which,
         checkpoint_step=checkpoint_step,
@@ -272,9 +272,9 @@ def plot_samples(
     Returns:
       ``out``.
     """
-    from diffusion_jax import likelihood, sampling_lib
+    from diffusion_jax import runs, sampling_lib
 
-    run = likelihood.restore_run(workdir, which=which, checkpoint_step=checkpoint_step)
+    run = runs.restore_run(workdir, which=which, checkpoint_step=checkpoint_step)
     is_image = run.info.kind == "image"
     num = (64 if is_image else 1000) if num is None else num
     if num < 1:
