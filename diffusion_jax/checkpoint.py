@@ -39,16 +39,15 @@ Example:
 
 from __future__ import annotations
 
-import base64
 import logging
 import os
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple, TypeVar
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
+
+from diffusion_jax.checkpoint_codec import decode_json, encode_json, leaf_digests, verify_digests
 
 __all__ = ["CheckpointError", "CheckpointManager", "Restored", "restore_params"]
 
@@ -56,7 +55,6 @@ logger = logging.getLogger(__name__)
 
 _STATE, _DATA_STATE, _CONFIG = "state", "data_state", "config"
 _DIGESTS = "leaf_digests"  # key in the state item's orbax custom metadata
-_BYTES_TAG, _TUPLE_TAG = "__bytes_base64__", "__tuple__"
 _CORRUPT_DIR = "corrupt"  # where a writer moves steps it could not restore
 _T = TypeVar("_T")
 
@@ -85,130 +83,8 @@ class Restored(NamedTuple):
 # ----------------------------------------------------------------------------- integrity
 
 
-def _path_name(path: tuple) -> str:
-    # Dict keys and dataclass/namedtuple fields print alike, so digests saved from a dict match
-    # a restore into an equivalent dataclass.
-    return jax.tree_util.keystr(path, simple=True, separator="/")
-
-
-def _as_uint32(x: jax.Array) -> jax.Array:
-    """The raw bits of ``x`` as a flat uint32 vector (wider types give several words)."""
-    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
-        x = jax.random.key_data(x)
-    if jnp.issubdtype(x.dtype, jnp.complexfloating):
-        x = jnp.stack([x.real, x.imag])
-    if x.dtype == jnp.bool_:
-        x = x.astype(jnp.uint8)
-    itemsize = x.dtype.itemsize
-    if itemsize >= 4:
-        return jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)
-    narrow = {1: jnp.uint8, 2: jnp.uint16}[itemsize]
-    return jax.lax.bitcast_convert_type(x, narrow).astype(jnp.uint32).reshape(-1)
-
-
-@jax.jit
-def _inspect_leaves(leaves: list[jax.Array]) -> list[tuple[jax.Array, jax.Array]]:
-    """Per leaf: (all finite [] bool, digest [] uint32)."""
-    out = []
-    for x in leaves:
-        x = jnp.asarray(x)
-        floating = jnp.issubdtype(x.dtype, jnp.inexact)
-        finite = jnp.all(jnp.isfinite(x)) if floating else jnp.bool_(True)
-        bits = _as_uint32(x)
-        # Odd weights: a change of 2**b in one word changes the sum by 2**b * odd != 0 mod 2**32.
-        index = jnp.arange(bits.shape[0], dtype=jnp.uint32)
-        weights = (index * jnp.uint32(0x9E3779B1)) | jnp.uint32(1)
-        out.append((finite, jnp.sum(bits * weights, dtype=jnp.uint32)))
-    return out
-
-
-def _inspect(tree: Any) -> dict[str, tuple[str, bool, int]]:
-    """Maps each leaf's path to (dtype name, all finite, digest).
-
-    Leaves are inspected in one jitted call per set of devices they live on, so a state whose
-    leaves sit on different devices (or are NumPy arrays) still works.
-    """
-    named = [(_path_name(p), x) for p, x in jax.tree_util.tree_leaves_with_path(tree)]
-    groups: dict[tuple, list[int]] = {}
-    for i, (_, x) in enumerate(named):
-        devices = (
-            tuple(sorted(d.id for d in x.sharding.device_set)) if isinstance(x, jax.Array) else ()
-        )
-        groups.setdefault(devices, []).append(i)
-    result: dict[str, tuple[str, bool, int]] = {}
-    for indices in groups.values():
-        values = jax.device_get(_inspect_leaves([named[i][1] for i in indices]))
-        for i, (finite, digest) in zip(indices, values, strict=True):
-            name, x = named[i]
-            dtype = x.dtype if hasattr(x, "dtype") else jnp.asarray(x).dtype
-            result[name] = (str(dtype), bool(finite), int(digest))
-    return result
-
-
-def _verify(tree: Any, saved: Mapping[str, Any] | None) -> None:
-    """Raises ValueError if a restored leaf's digest differs from the one saved with it.
-
-    Leaves restored to another dtype than they were saved with (a deliberate cast) are skipped.
-    """
-    if not saved:
-        return
-    bad = [
-        name
-        for name, (dtype, _, digest) in _inspect(tree).items()
-        if name in saved and saved[name][0] == dtype and saved[name][1] != digest
-    ]
-    if bad:
-        raise ValueError(f"array data does not match the digests saved with it: {bad}")
-
-
-# ----------------------------------------------------------------------------- JSON values
-
-
-def _encode_json(value: Any, where: str = "value") -> Any:
-    """``value`` as plain JSON types; bytes and tuples tagged so they round-trip."""
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, bytes):
-        return {_BYTES_TAG: base64.b64encode(value).decode("ascii")}
-    if isinstance(value, tuple):
-        return {_TUPLE_TAG: [_encode_json(v, f"{where}[{i}]") for i, v in enumerate(value)]}
-    if isinstance(value, list):
-        return [_encode_json(v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if isinstance(value, Mapping):
-        encoded = {}
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise TypeError(
-                    f"{where} has a key {key!r} of type {type(key).__name__}; "
-                    "JSON keys must be str."
-                )
-            if key in (_BYTES_TAG, _TUPLE_TAG):
-                raise ValueError(f"{where} uses the reserved key {key!r}.")
-            encoded[key] = _encode_json(item, f"{where}[{key!r}]")
-        return encoded
-    raise TypeError(
-        f"{where} has type {type(value).__name__}, which cannot be checkpointed as JSON "
-        "(allowed: dict with str keys, list, tuple, str, int, float, bool, None, bytes)."
-    )
-
-
-def _decode_json(value: Any) -> Any:
-    """Inverse of :func:`_encode_json`."""
-    if isinstance(value, list):
-        return [_decode_json(v) for v in value]
-    if isinstance(value, dict):
-        if value.keys() == {_BYTES_TAG}:
-            return base64.b64decode(value[_BYTES_TAG])
-        if value.keys() == {_TUPLE_TAG}:
-            return tuple(_decode_json(v) for v in value[_TUPLE_TAG])
-        return {k: _decode_json(v) for k, v in value.items()}
-    return value
-
-
 def _unwrap(item: Any) -> Any:
-    return _decode_json(item["value"])
+    return decode_json(item["value"])
 
 
 # ----------------------------------------------------------------------------- fallback
@@ -337,7 +213,7 @@ class CheckpointManager:
             is saved then.
           TypeError: if ``data_state`` or ``config`` cannot be stored as JSON.
         """
-        leaves = _inspect(state)
+        leaves = leaf_digests(state)
         nonfinite = [name for name, (_, finite, _) in leaves.items() if not finite]
         if nonfinite:
             raise ValueError(
@@ -350,8 +226,8 @@ class CheckpointManager:
         args = ocp.args.Composite(
             **{
                 _STATE: ocp.args.StandardSave(state, custom_metadata={_DIGESTS: digests}),
-                _DATA_STATE: ocp.args.JsonSave({"value": _encode_json(data_state, "data_state")}),
-                _CONFIG: ocp.args.JsonSave({"value": _encode_json(config, "config")}),
+                _DATA_STATE: ocp.args.JsonSave({"value": encode_json(data_state, "data_state")}),
+                _CONFIG: ocp.args.JsonSave({"value": encode_json(config, "config")}),
             }
         )
         if not self._cleaned_up:
@@ -407,7 +283,7 @@ class CheckpointManager:
         def read(s: int) -> Restored:
             saved = _saved_digests(self._manager, s)
             items = self._manager.restore(s, args=restore_args)
-            _verify(items[_STATE], saved)
+            verify_digests(items[_STATE], saved)
             return Restored(s, items[_STATE], _unwrap(items[_DATA_STATE]), _unwrap(items[_CONFIG]))
 
         found, restored, failed = _first_good(
@@ -525,7 +401,7 @@ def restore_params(
             )
             saved = _saved_digests(manager, s)
             params = manager.restore(s, args=ocp.args.Composite(**{_STATE: args}))[_STATE][which]
-            _verify({which: params}, saved)
+            verify_digests({which: params}, saved)
             return params
 
         steps = [int(step)] if step is not None else sorted(manager.all_steps(), reverse=True)

@@ -1,0 +1,144 @@
+"""What a checkpoint stores beside orbax's arrays: a checksum per leaf, and JSON-safe values.
+
+Orbax alone restores a bit-flipped array silently, so each save records a 32-bit digest per
+leaf (computed on the device with exact integer arithmetic, the same under any sharding) and
+each restore checks it. The data iterator's state and the config are stored as JSON, with bytes
+and tuples encoded so that they come back as they went in. :mod:`diffusion_jax.checkpoint`
+(the only module that talks to orbax) uses both.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["decode_json", "encode_json", "leaf_digests", "verify_digests"]
+
+_BYTES_TAG, _TUPLE_TAG = "__bytes_base64__", "__tuple__"
+
+
+def _path_name(path: tuple) -> str:
+    # Dict keys and dataclass/namedtuple fields print alike, so digests saved from a dict match
+    # a restore into an equivalent dataclass.
+    return jax.tree_util.keystr(path, simple=True, separator="/")
+
+
+def _as_uint32(x: jax.Array) -> jax.Array:
+    """The raw bits of ``x`` as a flat uint32 vector (wider types give several words)."""
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+        x = jnp.stack([x.real, x.imag])
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    itemsize = x.dtype.itemsize
+    if itemsize >= 4:
+        return jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)
+    narrow = {1: jnp.uint8, 2: jnp.uint16}[itemsize]
+    return jax.lax.bitcast_convert_type(x, narrow).astype(jnp.uint32).reshape(-1)
+
+
+@jax.jit
+def _inspect_leaves(leaves: list[jax.Array]) -> list[tuple[jax.Array, jax.Array]]:
+    """Per leaf: (all finite [] bool, digest [] uint32)."""
+    out = []
+    for x in leaves:
+        x = jnp.asarray(x)
+        floating = jnp.issubdtype(x.dtype, jnp.inexact)
+        finite = jnp.all(jnp.isfinite(x)) if floating else jnp.bool_(True)
+        bits = _as_uint32(x)
+        # Odd weights: a change of 2**b in one word changes the sum by 2**b * odd != 0 mod 2**32.
+        index = jnp.arange(bits.shape[0], dtype=jnp.uint32)
+        weights = (index * jnp.uint32(0x9E3779B1)) | jnp.uint32(1)
+        out.append((finite, jnp.sum(bits * weights, dtype=jnp.uint32)))
+    return out
+
+
+def leaf_digests(tree: Any) -> dict[str, tuple[str, bool, int]]:
+    """Maps each leaf's path to (dtype name, all finite, digest).
+
+    Leaves are inspected in one jitted call per set of devices they live on, so a state whose
+    leaves sit on different devices (or are NumPy arrays) still works.
+    """
+    named = [(_path_name(p), x) for p, x in jax.tree_util.tree_leaves_with_path(tree)]
+    groups: dict[tuple, list[int]] = {}
+    for i, (_, x) in enumerate(named):
+        devices = (
+            tuple(sorted(d.id for d in x.sharding.device_set)) if isinstance(x, jax.Array) else ()
+        )
+        groups.setdefault(devices, []).append(i)
+    result: dict[str, tuple[str, bool, int]] = {}
+    for indices in groups.values():
+        values = jax.device_get(_inspect_leaves([named[i][1] for i in indices]))
+        for i, (finite, digest) in zip(indices, values, strict=True):
+            name, x = named[i]
+            dtype = x.dtype if hasattr(x, "dtype") else jnp.asarray(x).dtype
+            result[name] = (str(dtype), bool(finite), int(digest))
+    return result
+
+
+def verify_digests(tree: Any, saved: Mapping[str, Any] | None) -> None:
+    """Raises ValueError if a restored leaf's digest differs from the one saved with it.
+
+    Leaves restored to another dtype than they were saved with (a deliberate cast) are skipped.
+    """
+    if not saved:
+        return
+    bad = [
+        name
+        for name, (dtype, _, digest) in leaf_digests(tree).items()
+        if name in saved and saved[name][0] == dtype and saved[name][1] != digest
+    ]
+    if bad:
+        raise ValueError(f"array data does not match the digests saved with it: {bad}")
+
+
+# ----------------------------------------------------------------------------- JSON values
+
+
+def encode_json(value: Any, where: str = "value") -> Any:
+    """``value`` as plain JSON types; bytes and tuples tagged so they round-trip."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, bytes):
+        return {_BYTES_TAG: base64.b64encode(value).decode("ascii")}
+    if isinstance(value, tuple):
+        return {_TUPLE_TAG: [encode_json(v, f"{where}[{i}]") for i, v in enumerate(value)]}
+    if isinstance(value, list):
+        return [encode_json(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, Mapping):
+        encoded = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise TypeError(
+                    f"{where} has a key {key!r} of type {type(key).__name__}; "
+                    "JSON keys must be str."
+                )
+            if key in (_BYTES_TAG, _TUPLE_TAG):
+                raise ValueError(f"{where} uses the reserved key {key!r}.")
+            encoded[key] = encode_json(item, f"{where}[{key!r}]")
+        return encoded
+    raise TypeError(
+        f"{where} has type {type(value).__name__}, which cannot be checkpointed as JSON "
+        "(allowed: dict with str keys, list, tuple, str, int, float, bool, None, bytes)."
+    )
+
+
+def decode_json(value: Any) -> Any:
+    """Inverse of :func:`encode_json`."""
+    if isinstance(value, list):
+        return [decode_json(v) for v in value]
+    if isinstance(value, dict):
+        if value.keys() == {_BYTES_TAG}:
+            return base64.b64decode(value[_BYTES_TAG])
+        if value.keys() == {_TUPLE_TAG}:
+            return tuple(decode_json(v) for v in value[_TUPLE_TAG])
+        return {k: decode_json(v) for k, v in value.items()}
+    return value
