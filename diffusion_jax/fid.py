@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import sharding
+from diffusion_jax import compiler, sharding
 from diffusion_jax.inception_weights import (
     TORCH_WEIGHTS_URL,
     WEIGHTS_ENV,
@@ -77,7 +77,7 @@ def to_unit_rgb(images: jax.Array) -> jax.Array:
     return jnp.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x
 
 
-@jax.jit
+@compiler.jit
 def _features(variables: Any, images: jax.Array) -> tuple[jax.Array, jax.Array]:
     out = inception.InceptionV3().apply(variables, to_unit_rgb(images))
     return out["pool"], out["logits_unbiased"]

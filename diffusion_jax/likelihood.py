@@ -35,7 +35,7 @@ def _batch_nll_fn(model_fn, parameterization, variance, clip_x0, num_bins, condi
     import jax
     import jax.numpy as jnp
 
-    from diffusion_jax import losses
+    from diffusion_jax import compiler, losses
 
     def one_example(params, schedule, key, image, label, index):
         x0 = image.astype(jnp.float32)[None] / 127.5 - 1.0
@@ -55,7 +55,7 @@ def _batch_nll_fn(model_fn, parameterization, variance, clip_x0, num_bins, condi
         )
         return terms.prior_bpd[0], terms.terms_bpd[0]
 
-    @jax.jit
+    @compiler.jit
     def batch_nll(params, schedule, key, images, labels, indices):
         return jax.vmap(one_example, in_axes=(None, None, None, 0, 0, 0))(
             params, schedule, key, images, labels, indices

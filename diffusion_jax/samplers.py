@@ -22,7 +22,6 @@ Example:
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -30,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import diffusion
+from diffusion_jax import compiler, diffusion
 from diffusion_jax.diffusion import ClipX0
 from diffusion_jax.schedules import Schedule
 from diffusion_jax.timesteps import (
@@ -150,7 +149,7 @@ def _predict_x0(
 
 # x_T is drawn by its own small program, compiled once per shape: deterministic loops then
 # hold no PRNG code, which XLA:CPU takes about a second to compile.
-_initial_noise = jax.jit(
+_initial_noise = compiler.jit(
     lambda key, first_index, shape: step_noise(key, 0, shape, first_index), static_argnums=2
 )
 
@@ -167,7 +166,7 @@ _STATIC = (
 )
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
+@compiler.jit(static_argnames=_STATIC)
 def _sample_loop(
     params: Any,
     x_T: jax.Array,

@@ -7,7 +7,6 @@ seed gives the same samples whatever the batch size or device count.
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -17,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from diffusion_jax import plots, samplers, sharding
+from diffusion_jax import compiler, plots, samplers, sharding
 from diffusion_jax.runs import Run, eval_model_fn, restore_run
 
 __all__ = [
@@ -96,7 +95,7 @@ def generate(
     key = jax.random.key(seed)
     out_sharding = sharding.data_sharding(mesh)
 
-    @functools.partial(jax.jit, out_shardings=out_sharding)
+    @compiler.jit(out_shardings=out_sharding)
     def draw(params, batch_labels, first_index):
         kwargs, uncond = None, None
         if batch_labels is not None:

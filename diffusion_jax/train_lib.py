@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 
 from diffusion_jax import checkpoint as checkpoint_lib
-from diffusion_jax import configuration, data, sharding
+from diffusion_jax import compiler, configuration, data, sharding
 from diffusion_jax import metrics as metrics_lib
 from diffusion_jax.train_step import (
     HISTORY,
@@ -178,13 +178,13 @@ def train_and_evaluate(
 
     batch_sharding = sharding.data_sharding(mesh)
     replicated = sharding.replicated(mesh)
-    train_step = jax.jit(
+    train_step = compiler.jit(
         make_train_step(config, model, schedule, tx, learning_rate, info.num_classes),
         in_shardings=(state_shardings, batch_sharding),
         out_shardings=(state_shardings, replicated),
         donate_argnums=0,
     )
-    eval_step = jax.jit(make_eval_step(config, model, schedule))
+    eval_step = compiler.jit(make_eval_step(config, model, schedule))
     writer = metrics_lib.MetricsWriter(workdir, enabled=is_chief)
 
     def save(step: int) -> None:
