@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DModel
 
 from benchmarks import common
-from diffusion_jax import configuration, samplers, sharding, train_lib
+from diffusion_jax import compiler, configuration, samplers, sharding, train_lib
 from diffusion_jax.models import make_model_fn
 
 _BETA_SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
@@ -92,8 +92,9 @@ class Ours:
         tx, lr = configuration.build_optimizer(config)
         init, _, shardings = train_lib.create_train_state(config, self.model, tx, shape, mesh)
         step = train_lib.make_train_step(config, self.model, self.schedule, tx, lr, None)
-        self.train_step = jax.jit(
+        self.train_step = compiler.jit(
             step,
+            library_fusions=configuration.cpu_library_fusions(config),
             in_shardings=(shardings, sharding.data_sharding(mesh)),
             out_shardings=(shardings, sharding.replicated(mesh)),
             donate_argnums=0,
@@ -104,7 +105,7 @@ class Ours:
         images = rng.integers(0, 256, (train_batch, *shape), dtype=np.uint8)
         self.batch = sharding.global_batch({"image": images}, mesh)
         self.model_fn = make_model_fn(self.model, train=False)
-        self.forward = jax.jit(self.model_fn)
+        self.forward = compiler.jit(self.model_fn)
         self.x = jax.random.normal(jax.random.key(0), (forward_batch, *shape))
         self.t = jnp.full((forward_batch,), 500, jnp.int32)
 

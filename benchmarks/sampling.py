@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import common
-from diffusion_jax import configuration, samplers
+from diffusion_jax import compiler, configuration, samplers
 from diffusion_jax.models import make_model_fn
 
 METHODS = [("ddpm", 1000), ("ddim", 50), ("dpm_solver++", 20)]
@@ -46,7 +46,7 @@ def measure_size(size: str, batch: int, repeats: int, probe_steps: int | None):
     t = jnp.full((batch,), 500, jnp.int32)
     params = jax.jit(model.init)(jax.random.key(1), x[:1], t[:1])["params"]
     model_fn = make_model_fn(model, train=False)
-    forward = jax.jit(model_fn)
+    forward = compiler.jit(model_fn)
     load = common.load_average()[0]
     start = time.perf_counter()
     jax.block_until_ready(forward(params, x, t))

@@ -14,6 +14,11 @@ What it measures, per (U-Net size, compute dtype, batch size), each case in a fr
     batches, reported per step (skipped where one step takes over ``--scan_max_step_s``);
   * peak host RSS of the process (VmHWM), so it includes compilation.
 
+Every jit is ``diffusion_jax.compiler.jit`` with the trainer's choice of XLA:CPU library
+fusions (``configuration.cpu_library_fusions``: off below ``model.ch`` 128, on from it; set
+``--library_fusions on|off`` to force); ``DIFFUSION_JAX_XLA_DEFAULTS=1`` in the environment
+measures XLA's defaults everywhere (the JSON records it in ``machine.compiler_options``).
+
 Sizes (``benchmarks/common.py``): ``digits`` (configs/digits.py), ``issue`` (the issue's 1.5M
 shape), ``c64`` (32x32x3, ch 64), ``cifar10`` (configs/cifar10.py, 35.7M). For sizes in
 ``--extrapolate`` (default cifar10) only 1-2 steps are timed at the small batches given, and
@@ -46,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
-from diffusion_jax import configuration, sharding, train_lib
+from diffusion_jax import compiler, configuration, sharding, train_lib
 
 
 def _random_images(rng: np.random.Generator, batch: int, shape) -> np.ndarray:
@@ -62,12 +67,14 @@ def measure_case(
     scan_max: float,
     accumulate: int = 1,
     prng: str = "",
+    library_fusions: str = "auto",
 ):
     """Everything about one (size, dtype, batch) in this process; returns a dict."""
     if prng:
         jax.config.update("jax_default_prng_impl", prng)
     config, shape = common.size_config(size, dtype, batch)
     config.optim.accumulate_steps = accumulate
+    config.train.cpu_library_fusions = library_fusions
     peak = common.matmul_peak_gflops()
     load_before = common.load_average()[0]
     mesh = sharding.make_mesh(jax.devices()[:1])
@@ -77,8 +84,10 @@ def measure_case(
     init, _, state_shardings = train_lib.create_train_state(config, model, tx, shape, mesh)
     step_fn = train_lib.make_train_step(config, model, schedule, tx, learning_rate, None)
     batch_sharding, replicated = sharding.data_sharding(mesh), sharding.replicated(mesh)
-    train_step = jax.jit(
+    fusions = configuration.cpu_library_fusions(config)
+    train_step = compiler.jit(
         step_fn,
+        library_fusions=fusions,
         in_shardings=(state_shardings, batch_sharding),
         out_shardings=(state_shardings, replicated),
         donate_argnums=0,
@@ -116,8 +125,9 @@ def measure_case(
         del batch
         return state.replace(step=state.step + 1), {"loss": jnp.zeros((), jnp.float32)}
 
-    trivial_step = jax.jit(
+    trivial_step = compiler.jit(
         trivial,
+        library_fusions=fusions,
         in_shardings=(state_shardings, batch_sharding),
         out_shardings=(state_shardings, replicated),
         donate_argnums=0,
@@ -147,7 +157,8 @@ def measure_case(
                 return jax.lax.scan(step_fn, state, stacked, unroll=unroll)
 
             start = time.perf_counter()
-            scan_compiled = jax.jit(multi_step, donate_argnums=0).lower(state, stacked).compile()
+            scan_jit = compiler.jit(multi_step, library_fusions=fusions, donate_argnums=0)
+            scan_compiled = scan_jit.lower(state, stacked).compile()
             compile_seconds = time.perf_counter() - start
             state, out = scan_compiled(state, stacked)
             jax.block_until_ready(out)
@@ -204,6 +215,12 @@ def main():
         default="",
         help="jax_default_prng_impl, e.g. rbg or unsafe_rbg (default threefry)",
     )
+    parser.add_argument(
+        "--library_fusions",
+        default="auto",
+        choices=("auto", "on", "off"),
+        help="config.train.cpu_library_fusions (XLA:CPU YNNPACK fusions in the step)",
+    )
     parser.add_argument("--out", default="train_step")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one case, JSON to stdout
     args = parser.parse_args()
@@ -230,6 +247,7 @@ def main():
                     "scan_max": args.scan_max_step_s,
                     "accumulate": args.accumulate,
                     "prng": args.prng,
+                    "library_fusions": args.library_fusions,
                 }
                 result = common.run_isolated(__file__, ["--one", json.dumps(case)])
                 result.update(case_args=case, extrapolated=extrapolated)

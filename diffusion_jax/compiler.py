@@ -1,10 +1,15 @@
 """Per-executable XLA options for the library's own compiled functions.
 
 XLA:CPU (jaxlib 0.10) hands convolutions, batched dots and some reductions to YNNPACK
-"library fusions" by default. On the U-Nets here those run slower than XLA's own CPU kernels:
-turning them off made the train step 19-25% faster and the forward pass 30-40% faster on the
-2-core CPU of ``benchmarks/README.md`` (section "XLA:CPU library fusions"), with the same
-losses to float32 rounding. Newer jaxlibs have also miscompiled some of these fusions.
+"library fusions" by default. On most U-Nets here those run slower than XLA's own CPU
+kernels; measured on the 2-core CPU of ``benchmarks/README.md`` (section "XLA:CPU library
+fusions"), with the same losses to float32 rounding, turning them off made:
+
+* the forward pass (all of sampling) 30-40% faster at base width 32 and 64, and no slower at
+  128 (the CIFAR-10 net);
+* the train step 20-25% faster at width 32 and 64, but 20% *slower* at width 128, whose
+  wide convolutions YNNPACK runs better. The trainer therefore keeps them for wide nets
+  (``library_fusions=True`` below; ``configuration.cpu_library_fusions``).
 
 The option is set per compiled function through ``jax.jit(..., compiler_options=...)``, never
 process-wide, so code of the user's that shares the process keeps XLA's defaults. It applies
@@ -36,9 +41,11 @@ CPU_COMPILER_OPTIONS: dict[str, str] = {"xla_cpu_experimental_ynn_fusion_type": 
 KEEP_DEFAULTS_ENV = "DIFFUSION_JAX_XLA_DEFAULTS"
 
 
-def compiler_options(backend: str | None = None) -> dict[str, str] | None:
+def compiler_options(
+    backend: str | None = None, library_fusions: bool = False
+) -> dict[str, str] | None:
     """The compiler options the library compiles with on ``backend`` (default: JAX's default
-    backend), or None for XLA's defaults.
+    backend), or None for XLA's defaults (always so with ``library_fusions=True``).
 
     Calling it without ``backend`` initialises JAX's backends, so call it when compiling, not
     at import time.
@@ -47,7 +54,7 @@ def compiler_options(backend: str | None = None) -> dict[str, str] | None:
       >>> compiler_options("gpu") is None
       True
     """
-    if os.environ.get(KEEP_DEFAULTS_ENV, "") not in ("", "0"):
+    if library_fusions or os.environ.get(KEEP_DEFAULTS_ENV, "") not in ("", "0"):
         return None
     user_flags = os.environ.get("XLA_FLAGS", "")
     options = {
@@ -68,9 +75,10 @@ class _Jit:
     outer program's options apply to the whole of it.
     """
 
-    def __init__(self, fun: Callable[..., Any], jit_kwargs: dict[str, Any]):
+    def __init__(self, fun: Callable[..., Any], library_fusions: bool, jit_kwargs: dict[str, Any]):
         functools.update_wrapper(self, fun)
         self._fun = fun
+        self._library_fusions = library_fusions
         self._jit_kwargs = jit_kwargs
         self._jitted = None
         self._nested = None
@@ -80,7 +88,9 @@ class _Jit:
         """The underlying top-level ``jax.jit`` object (with the options)."""
         if self._jitted is None:
             self._jitted = jax.jit(
-                self._fun, compiler_options=compiler_options(), **self._jit_kwargs
+                self._fun,
+                compiler_options=compiler_options(library_fusions=self._library_fusions),
+                **self._jit_kwargs,
             )
         return self._jitted
 
@@ -96,14 +106,22 @@ class _Jit:
 
     def __getattr__(self, name: str):
         # Everything else of the jitted function (lower, trace, eval_shape, ...) passes through.
-        if name.startswith("__") or name in ("_fun", "_jit_kwargs", "_jitted", "_nested"):
+        if name.startswith("__") or name in (
+            "_fun",
+            "_library_fusions",
+            "_jit_kwargs",
+            "_jitted",
+            "_nested",
+        ):
             raise AttributeError(name)
         return getattr(self.jitted, name)
 
 
-def jit(fun: Callable[..., Any] | None = None, **jit_kwargs: Any):
+def jit(fun: Callable[..., Any] | None = None, *, library_fusions: bool = False, **jit_kwargs: Any):
     """``jax.jit`` with the library's :func:`compiler_options`; usable as a decorator, with or
     without keyword arguments (``static_argnames``, shardings, ``donate_argnums``, ...).
+    ``library_fusions=True`` keeps XLA's defaults (the trainer's choice for wide U-Nets:
+    :func:`diffusion_jax.configuration.cpu_library_fusions`).
 
     Example:
       >>> double = jit(lambda x: 2 * x)
@@ -113,5 +131,5 @@ def jit(fun: Callable[..., Any] | None = None, **jit_kwargs: Any):
     if "compiler_options" in jit_kwargs:
         raise TypeError("diffusion_jax.compiler.jit sets compiler_options itself; use jax.jit")
     if fun is None:
-        return functools.partial(jit, **jit_kwargs)
-    return _Jit(fun, jit_kwargs)
+        return functools.partial(jit, library_fusions=library_fusions, **jit_kwargs)
+    return _Jit(fun, library_fusions, jit_kwargs)

@@ -24,6 +24,7 @@ __all__ = [
     "build_optimizer",
     "build_schedule",
     "config_to_dict",
+    "cpu_library_fusions",
     "default_config",
     "ema_decay",
     "identity_dict",
@@ -41,6 +42,7 @@ RUN_FIELDS = (
     "train.eval_batches",
     "train.keep_checkpoints",
     "train.max_nonfinite_steps",
+    "train.cpu_library_fusions",
     "train.num_samples",
     "train.sample_method",
     "train.sample_steps",
@@ -157,6 +159,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     for name in ("checkpoint_every", "sample_every", "eval_every", "eval_batches", "num_samples"):
         _positive(f"train.{name}", t[name], allow_zero=True)
     _choice("train.compute_dtype", t.compute_dtype, ("float32", "bfloat16"))
+    _choice("train.cpu_library_fusions", t.cpu_library_fusions, ("auto", "on", "off"))
     _choice("train.sample_method", t.sample_method, ("ddpm", "ddim", "dpm_solver++"))
     _positive("train.sample_steps", t.sample_steps)
     if t.sample_steps > d.num_timesteps:
@@ -248,6 +251,22 @@ def build_optimizer(
     if o.accumulate_steps > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=o.accumulate_steps)
     return tx, lr
+
+
+# Base width from which XLA:CPU's YNNPACK convolutions beat its own in the train step
+# (benchmarks/README.md, "XLA:CPU library fusions": ch 32 and 64 ran 20-25% faster without them,
+# the ch-128 CIFAR-10 net 20% faster with them).
+WIDE_CHANNELS = 128
+
+
+def cpu_library_fusions(config: ml_collections.ConfigDict) -> bool:
+    """Whether the train step keeps XLA:CPU's YNNPACK library fusions (``train.
+    cpu_library_fusions``; ``auto``: for U-Nets with ``model.ch >= WIDE_CHANNELS``). Passed to
+    :func:`diffusion_jax.compiler.jit`; no effect on other backends."""
+    choice = config.train.cpu_library_fusions
+    if choice == "auto":
+        return config.model.get("ch", 0) >= WIDE_CHANNELS
+    return choice == "on"
 
 
 def ema_decay(config: ml_collections.ConfigDict, step) -> Any:

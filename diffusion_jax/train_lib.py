@@ -178,13 +178,17 @@ def train_and_evaluate(
 
     batch_sharding = sharding.data_sharding(mesh)
     replicated = sharding.replicated(mesh)
+    library_fusions = configuration.cpu_library_fusions(config)
     train_step = compiler.jit(
         make_train_step(config, model, schedule, tx, learning_rate, info.num_classes),
+        library_fusions=library_fusions,
         in_shardings=(state_shardings, batch_sharding),
         out_shardings=(state_shardings, replicated),
         donate_argnums=0,
     )
-    eval_step = compiler.jit(make_eval_step(config, model, schedule))
+    eval_step = compiler.jit(
+        make_eval_step(config, model, schedule), library_fusions=library_fusions
+    )
     writer = metrics_lib.MetricsWriter(workdir, enabled=is_chief)
 
     def save(step: int) -> None:

@@ -89,3 +89,43 @@ def test_jit_propagates_other_errors():
     bad = compiler.jit(lambda x: jnp.reshape(x, (7,)))
     with pytest.raises(TypeError):
         bad(jnp.zeros(5))
+
+
+def test_library_fusions_keep_xla_defaults(monkeypatch):
+    monkeypatch.delenv(compiler.KEEP_DEFAULTS_ENV, raising=False)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    assert compiler.compiler_options("cpu", library_fusions=True) is None
+    wide = compiler.jit(jax.grad(_conv_loss, argnums=(0, 1)), library_fusions=True)
+    assert wide._library_fusions
+    assert wide.lower(*_conv_args()).compile().as_text() == (
+        jax.jit(jax.grad(_conv_loss, argnums=(0, 1))).lower(*_conv_args()).compile().as_text()
+    )
+
+
+@pytest.mark.parametrize(
+    ("choice", "ch", "expected"),
+    [
+        ("auto", 32, False),
+        ("auto", 64, False),
+        ("auto", 128, True),
+        ("on", 32, True),
+        ("off", 128, False),
+    ],
+)
+def test_trainer_choice_of_library_fusions(choice, ch, expected):
+    from diffusion_jax import configuration
+
+    config = configuration.default_config()
+    config.model.ch = ch
+    config.train.cpu_library_fusions = choice
+    configuration.validate_config(config)
+    assert configuration.cpu_library_fusions(config) is expected
+
+
+def test_trainer_choice_is_validated():
+    from diffusion_jax import configuration
+
+    config = configuration.default_config()
+    config.train.cpu_library_fusions = "yes"
+    with pytest.raises(ValueError, match="cpu_library_fusions"):
+        configuration.validate_config(config)
