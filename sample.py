@@ -37,6 +37,9 @@ def main(argv):
     from diffusion_jax.metrics import quiet_library_logs
 
     quiet_library_logs()
+    from diffusion_jax import host
+
+    host.keep_freed_memory()  # this process is ours: keep freed heap pages (faster steps)
     import os
 
     from diffusion_jax import sampling_lib
