@@ -105,14 +105,10 @@ class _Jit:
         return self._nested(*args, **kwargs)
 
     def __getattr__(self, name: str):
-        # Everything else of the jitted function (lower, trace, eval_shape, ...) passes through.
-        if name.startswith("__") or name in (
-            "_fun",
-            "_library_fusions",
-            "_jit_kwargs",
-            "_jitted",
-            "_nested",
-        ):
+        # Only reached for names the instance lacks: everything else of the jitted function
+        # (lower, trace, eval_shape, _cache_size, ...) passes through. Before __init__ has run
+        # (copy, pickle) there is nothing to pass through to.
+        if name.startswith("__") or "_nested" not in vars(self):
             raise AttributeError(name)
         return getattr(self.jitted, name)
 
