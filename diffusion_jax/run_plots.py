@@ -279,20 +279,15 @@ def plot_samples(
     num = (64 if is_image else 1000) if num is None else num
     if num < 1:
         raise ValueError(f"num must be >= 1, got {num}.")
-    samples = sampling_lib.generate(
-        run.config,
-        run.model,
-        run.schedule,
-        run.params,
-        run.data_shape,
+    samples = sampling_lib.generate_from_run(
+        run,
         num=num,
-        batch_size=-(-min(num, 256) // run.mesh.size) * run.mesh.size,
+        batch_size=min(num, 256),
         seed=seed,
         method=method,
         num_steps=steps,
-        is_image=is_image,
         labels=_run_labels(run, num),
-        mesh=run.mesh,
+        progress=False,
     )
     title = (
         f"{num} samples of {os.path.basename(os.path.abspath(workdir))}\n({which} params, "
