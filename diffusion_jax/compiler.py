@@ -34,11 +34,17 @@ from typing import Any
 
 import jax
 
-__all__ = ["CPU_COMPILER_OPTIONS", "KEEP_DEFAULTS_ENV", "compiler_options", "jit"]
+__all__ = ["CPU_COMPILER_OPTIONS", "KEEP_DEFAULTS_ENV", "compiler_options", "jit", "keep_defaults"]
 
 # Empty value = no YNNPACK library fusions (the flag is a repeated enum of fusion kinds).
 CPU_COMPILER_OPTIONS: dict[str, str] = {"xla_cpu_experimental_ynn_fusion_type": ""}
 KEEP_DEFAULTS_ENV = "DIFFUSION_JAX_XLA_DEFAULTS"
+
+
+def keep_defaults() -> bool:
+    """True when the environment sets ``DIFFUSION_JAX_XLA_DEFAULTS`` (to anything but ``0``):
+    no tuning of XLA or of the host process by this library or its command-line tools."""
+    return os.environ.get(KEEP_DEFAULTS_ENV, "") not in ("", "0")
 
 
 def compiler_options(
@@ -54,7 +60,7 @@ def compiler_options(
       >>> compiler_options("gpu") is None
       True
     """
-    if library_fusions or os.environ.get(KEEP_DEFAULTS_ENV, "") not in ("", "0"):
+    if library_fusions or keep_defaults():
         return None
     user_flags = os.environ.get("XLA_FLAGS", "")
     options = {

@@ -14,6 +14,8 @@ import ctypes
 import ctypes.util
 import os
 
+from diffusion_jax import compiler
+
 __all__ = ["TOP_PAD_BYTES", "TRIM_THRESHOLD_BYTES", "keep_freed_memory"]
 
 # glibc mallopt parameters (malloc.h).
@@ -34,7 +36,7 @@ def keep_freed_memory() -> bool:
     """
     if any(name in os.environ for name in _USER_ENV):
         return False
-    if os.environ.get("DIFFUSION_JAX_XLA_DEFAULTS", "") not in ("", "0"):
+    if compiler.keep_defaults():
         return False
     name = ctypes.util.find_library("c")
     try:
