@@ -33,7 +33,7 @@ demo: $(BASE_STAMP)
 	$(PY) train.py --config configs/digits.py --workdir $(OUT)/digits
 	$(PY) sample.py --workdir $(OUT)/digits --num 100 --method ddim --steps 50 \
 		--out $(OUT)/digits/generated
-	$(PY) -m diffusion_jax.evaluate digits --samples $(OUT)/digits/generated/samples.npz
+	$(PY) -m diffusion_jax.evaluation digits --samples $(OUT)/digits/generated/samples.npz
 	$(PY) -m diffusion_jax.plots loss --workdir $(OUT)/digits --out $(OUT)/digits/loss.png
 	$(PY) -m diffusion_jax.plots trajectory --workdir $(OUT)/digits --out $(OUT)/digits/trajectory.png
 	$(PY) -m diffusion_jax.plots schedules --out $(OUT)/schedules.png

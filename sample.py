@@ -1,4 +1,4 @@
-"""Turns a checkpoint into samples: flags -> ``diffusion_jax.sampling_lib.sample_from_workdir``.
+"""Turns a checkpoint into samples: flags -> ``evaluation.sampling.sample_from_workdir``.
 
   python sample.py --workdir workdirs/digits --num 64 --method ddim --steps 50 --out out/samples
   python sample.py --workdir W --guidance 3 --labels 0,1,2 --method dpm_solver++ --steps 20
@@ -34,18 +34,16 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.getLogger().setLevel(logging.INFO)
-    from diffusion_jax.metrics import quiet_library_logs
+    from diffusion_jax import _runtime
 
-    quiet_library_logs()
-    from diffusion_jax import host
-
-    host.keep_freed_memory()  # this process is ours: keep freed heap pages (faster steps)
+    _runtime.quiet_library_logs()
+    _runtime.keep_freed_memory()  # this process is ours: keep freed heap pages (faster steps)
     import os
 
-    from diffusion_jax import sampling_lib
+    from diffusion_jax.evaluation import sampling
 
     try:
-        written = sampling_lib.sample_from_workdir(
+        written = sampling.sample_from_workdir(
             FLAGS.workdir,
             out=FLAGS.out or os.path.join(FLAGS.workdir, "generated"),
             num=FLAGS.num,

@@ -1,4 +1,4 @@
-"""Trains a diffusion model: flags -> ``diffusion_jax.train_lib.train_and_evaluate``.
+"""Trains a diffusion model: flags -> ``diffusion_jax.train.train_and_evaluate``.
 
   python train.py --config configs/digits.py --workdir workdirs/digits
   python train.py --config configs/cifar10.py --workdir W --config.train.num_steps=1000
@@ -30,22 +30,20 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.getLogger().setLevel(logging.INFO)
-    from diffusion_jax.metrics import quiet_library_logs
+    from diffusion_jax import _runtime
 
-    quiet_library_logs()
-    from diffusion_jax import host
+    _runtime.quiet_library_logs()
+    _runtime.keep_freed_memory()  # this process is ours: keep freed heap pages (faster steps)
+    from diffusion_jax import train
 
-    host.keep_freed_memory()  # this process is ours: keep freed heap pages (faster steps)
-    from diffusion_jax import sharding, train_lib
-
-    sharding.initialize_distributed(
+    train.sharding.initialize_distributed(
         FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
     )
     try:
-        train_lib.train_and_evaluate(
+        train.train_and_evaluate(
             FLAGS.config, FLAGS.workdir, allow_config_change=FLAGS.allow_config_change
         )
-    except (ValueError, FileNotFoundError, train_lib.NonFiniteError) as err:
+    except (ValueError, FileNotFoundError, train.NonFiniteError) as err:
         logging.error("%s", err)
         print(f"error: {err}", file=sys.stderr)
         return 2

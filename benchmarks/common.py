@@ -25,7 +25,7 @@ import numpy as np
 
 from configs import cifar10 as cifar10_config
 from configs import default as default_config
-from diffusion_jax import compiler
+from diffusion_jax import _runtime
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -121,9 +121,9 @@ def machine() -> dict[str, Any]:
         "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        # The library's per-executable XLA:CPU options (diffusion_jax.compiler); None = XLA's
+        # The library's per-executable XLA:CPU options (diffusion_jax._runtime); None = XLA's
         # defaults (DIFFUSION_JAX_XLA_DEFAULTS=1 measures the "before" of that change).
-        "compiler_options": compiler.compiler_options(),
+        "compiler_options": _runtime.compiler_options(),
         "load_average": load_average(),
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
     }

@@ -1,7 +1,7 @@
 """Side by side with diffusers (PyTorch): train step, forward pass and a sampling run.
 
 What it measures, per size, on the same machine and batch:
-  * ours: the trainer's jitted step (``train_lib.make_train_step`` on a 1-device mesh, state
+  * ours: the trainer's jitted step (``train_step.make_train_step`` on a 1-device mesh, state
     donated: forward + backward + clipped Adam + EMA), a jitted forward (``train=False``), and
     DDPM ancestral sampling through ``samplers.sample``;
   * theirs: diffusers' ``UNet2DModel`` configured to the same architecture (same channels,
@@ -50,8 +50,11 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DModel
 
 from benchmarks import common
-from diffusion_jax import compiler, configuration, samplers, sharding, train_lib
+from diffusion_jax import _runtime, samplers
 from diffusion_jax.models import make_model_fn
+from diffusion_jax.train import config as config_lib
+from diffusion_jax.train import sharding
+from diffusion_jax.train import step as train_step
 
 _BETA_SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
 
@@ -87,14 +90,14 @@ class Ours:
     def __init__(self, config, shape, train_batch, forward_batch):
         self.config, self.shape = config, shape
         mesh = sharding.make_mesh(jax.devices()[:1])
-        self.schedule = configuration.build_schedule(config)
-        self.model = configuration.build_model(config, shape, None)
-        tx, lr = configuration.build_optimizer(config)
-        init, _, shardings = train_lib.create_train_state(config, self.model, tx, shape, mesh)
-        step = train_lib.make_train_step(config, self.model, self.schedule, tx, lr, None)
-        self.train_step = compiler.jit(
+        self.schedule = config_lib.build_schedule(config)
+        self.model = config_lib.build_model(config, shape, None)
+        tx, lr = config_lib.build_optimizer(config)
+        init, _, shardings = train_step.create_train_state(config, self.model, tx, shape, mesh)
+        step = train_step.make_train_step(config, self.model, self.schedule, tx, lr, None)
+        self.train_step = _runtime.jit(
             step,
-            library_fusions=configuration.cpu_library_fusions(config),
+            library_fusions=config_lib.cpu_library_fusions(config),
             in_shardings=(shardings, sharding.data_sharding(mesh)),
             out_shardings=(shardings, sharding.replicated(mesh)),
             donate_argnums=0,
@@ -105,7 +108,7 @@ class Ours:
         images = rng.integers(0, 256, (train_batch, *shape), dtype=np.uint8)
         self.batch = sharding.global_batch({"image": images}, mesh)
         self.model_fn = make_model_fn(self.model, train=False)
-        self.forward = compiler.jit(self.model_fn)
+        self.forward = _runtime.jit(self.model_fn)
         self.x = jax.random.normal(jax.random.key(0), (forward_batch, *shape))
         self.t = jnp.full((forward_batch,), 500, jnp.int32)
 

@@ -1,9 +1,9 @@
 """Probe: the train step with ``optim.accumulate_steps = k`` and its micro-batch scan unrolled.
 
-``train_lib.make_train_step`` runs the k micro-batches in a rolled ``jax.lax.scan``; on
+``train_step.make_train_step`` runs the k micro-batches in a rolled ``jax.lax.scan``; on
 XLA:CPU the convolution gradients inside a while-loop body are 25-100x slower than outside
 one. This probe measures the proposed fix without touching the library: it replaces the
-``jax`` that ``train_lib`` sees by a proxy whose ``lax.scan`` is
+``jax`` that the trainer sees by a proxy whose ``lax.scan`` is
 ``functools.partial(jax.lax.scan, unroll=True)``, then runs ``train_step.measure_case``.
 
 Run (from the repository root), and compare with the rolled scan:
@@ -31,7 +31,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax
 
 from benchmarks import train_step
-from diffusion_jax import train_lib
 
 
 class _LaxUnrolledScan:
@@ -59,7 +58,7 @@ def main():
     parser.add_argument("--accumulate", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args()
-    train_lib.jax = _JaxUnrolledScan()
+    train_step.jax = _JaxUnrolledScan()
     result = train_step.measure_case(
         args.size, "float32", args.batch, args.steps, 1, 0.0, accumulate=args.accumulate
     )

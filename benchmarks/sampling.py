@@ -31,8 +31,9 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import common
-from diffusion_jax import compiler, configuration, samplers
+from diffusion_jax import _runtime, samplers
 from diffusion_jax.models import make_model_fn
+from diffusion_jax.train import config as config_lib
 
 METHODS = [("ddpm", 1000), ("ddim", 50), ("dpm_solver++", 20)]
 
@@ -40,13 +41,13 @@ METHODS = [("ddpm", 1000), ("ddim", 50), ("dpm_solver++", 20)]
 def measure_size(size: str, batch: int, repeats: int, probe_steps: int | None):
     """Rows for one size: the bare evaluation, then each method."""
     config, shape = common.size_config(size, "float32", batch)
-    model = configuration.build_model(config, shape, None)
-    schedule = configuration.build_schedule(config)
+    model = config_lib.build_model(config, shape, None)
+    schedule = config_lib.build_schedule(config)
     x = jax.random.normal(jax.random.key(0), (batch, *shape))
     t = jnp.full((batch,), 500, jnp.int32)
     params = jax.jit(model.init)(jax.random.key(1), x[:1], t[:1])["params"]
     model_fn = make_model_fn(model, train=False)
-    forward = compiler.jit(model_fn)
+    forward = _runtime.jit(model_fn)
     load = common.load_average()[0]
     start = time.perf_counter()
     jax.block_until_ready(forward(params, x, t))

@@ -1,7 +1,7 @@
 """Train-step throughput, compile time, FLOPs, peak memory and host overhead of the real step.
 
 What it measures, per (U-Net size, compute dtype, batch size), each case in a fresh process:
-  * the trainer's own step: ``train_lib.make_train_step`` + ``create_train_state`` jitted on a
+  * the trainer's own step: ``step_lib.make_train_step`` + ``create_train_state`` jitted on a
     1-device mesh exactly as ``train_and_evaluate`` does (shardings, donated state), fed a
     random uint8 batch already on the device (no input pipeline);
   * compile time (``lower`` + ``compile``), and the FLOPs XLA's cost analysis counts per step;
@@ -14,8 +14,8 @@ What it measures, per (U-Net size, compute dtype, batch size), each case in a fr
     batches, reported per step (skipped where one step takes over ``--scan_max_step_s``);
   * peak host RSS of the process (VmHWM), so it includes compilation.
 
-Every jit is ``diffusion_jax.compiler.jit`` with the trainer's choice of XLA:CPU library
-fusions (``configuration.cpu_library_fusions``: off below ``model.ch`` 128, on from it; set
+Every jit is ``diffusion_jax._runtime.jit`` with the trainer's choice of XLA:CPU library
+fusions (``config_lib.cpu_library_fusions``: off below ``model.ch`` 128, on from it; set
 ``--library_fusions on|off`` to force); ``DIFFUSION_JAX_XLA_DEFAULTS=1`` in the environment
 measures XLA's defaults everywhere (the JSON records it in ``machine.compiler_options``).
 
@@ -52,7 +52,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
-from diffusion_jax import compiler, configuration, sharding, train_lib
+from diffusion_jax import _runtime
+from diffusion_jax.train import config as config_lib
+from diffusion_jax.train import sharding
+from diffusion_jax.train import step as step_lib
 
 
 def _random_images(rng: np.random.Generator, batch: int, shape) -> np.ndarray:
@@ -79,16 +82,16 @@ def measure_case(
     peak = common.matmul_peak_gflops()
     load_before = common.load_average()[0]
     mesh = sharding.make_mesh(jax.devices()[:1])
-    schedule = configuration.build_schedule(config)
-    model = configuration.build_model(config, shape, None)
-    tx, learning_rate = configuration.build_optimizer(config)
-    init, _, state_shardings = train_lib.create_train_state(config, model, tx, shape, mesh)
-    step_fn = train_lib.make_train_step(config, model, schedule, tx, learning_rate, None)
+    schedule = config_lib.build_schedule(config)
+    model = config_lib.build_model(config, shape, None)
+    tx, learning_rate = config_lib.build_optimizer(config)
+    init, _, state_shardings = step_lib.create_train_state(config, model, tx, shape, mesh)
+    step_fn = step_lib.make_train_step(config, model, schedule, tx, learning_rate, None)
     batch_sharding, replicated = sharding.data_sharding(mesh), sharding.replicated(mesh)
-    fusions = configuration.cpu_library_fusions(config)
+    fusions = config_lib.cpu_library_fusions(config)
     # The trainer's jit of a step (state donated, batch sharded); the trivial step reuses it.
     jit_step = functools.partial(
-        compiler.jit,
+        _runtime.jit,
         library_fusions=fusions,
         in_shardings=(state_shardings, batch_sharding),
         out_shardings=(state_shardings, replicated),
@@ -154,7 +157,7 @@ def measure_case(
                 return jax.lax.scan(step_fn, state, stacked, unroll=unroll)
 
             start = time.perf_counter()
-            scan_jit = compiler.jit(multi_step, library_fusions=fusions, donate_argnums=0)
+            scan_jit = _runtime.jit(multi_step, library_fusions=fusions, donate_argnums=0)
             scan_compiled = scan_jit.lower(state, stacked).compile()
             compile_seconds = time.perf_counter() - start
             state, out = scan_compiled(state, stacked)

@@ -10,7 +10,7 @@ Command:
 Expect: recognisable faces after about 100k steps on an accelerator; this is a multi-day run.
 """
 
-from configs import default as default_lib
+from diffusion_jax.train import defaults as default_lib
 
 
 def get_config():

@@ -14,7 +14,7 @@ Expect: the paper reports FID 3.17 and IS 9.46 (50k samples, 1000 ancestral step
 <= 3.75 bits/dim on the test set after 800k steps on a TPU v3-8 (about 10.6 hours there).
 """
 
-from configs import default as default_lib
+from diffusion_jax.train import defaults as default_lib
 
 
 def get_config():

@@ -8,7 +8,7 @@ Command:
 Expect: clean digits after about 20k steps (about an hour on one GPU; days on 2 CPU cores).
 """
 
-from configs import default as default_lib
+from diffusion_jax.train import defaults as default_lib
 
 
 def get_config():

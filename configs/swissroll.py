@@ -7,7 +7,7 @@ Expect: about a minute on 2 CPU cores; a loss near 0.3-0.4 and, in samples/, a s
 samples lying on the roll.
 """
 
-from configs import default as default_lib
+from diffusion_jax.train import defaults as default_lib
 
 
 def get_config():

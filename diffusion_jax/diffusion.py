@@ -14,11 +14,13 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import chex
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax import options
 from diffusion_jax.schedules import Schedule
 
 __all__ = [
@@ -28,20 +30,23 @@ __all__ = [
     "ddim_step",
     "dynamic_threshold",
     "extract",
+    "mse_per_x0_mse",
     "p_mean_variance",
     "p_sample",
     "predict_eps_from_x0",
+    "predict_x0",
     "predict_x0_from_eps",
     "predict_x0_from_v",
     "q_mean_variance",
     "q_posterior_mean_variance",
     "q_sample",
     "split_model_output",
+    "training_target",
     "v_target",
 ]
 
-PARAMETERIZATIONS = ("eps", "x0", "v")
-VARIANCES = ("fixed_small", "fixed_large", "learned_range")
+PARAMETERIZATIONS = options.PARAMETERIZATIONS
+VARIANCES = options.VARIANCES
 
 # clip_x0 accepts: False (off), True ([-1, 1]), a (low, high) range, or a callable x0 -> x0.
 ClipX0 = bool | tuple[float, float] | Callable[[jax.Array], jax.Array]
@@ -309,8 +314,7 @@ def split_model_output(
     Returns:
       ``(mean_output, variance_output)``; ``variance_output`` is ``None`` unless learned.
     """
-    if variance not in VARIANCES:
-        raise ValueError(f"Unknown variance {variance!r}; expected one of {VARIANCES}.")
+    options.check("variance", variance)
     x_shape, out_shape = jnp.shape(x_t), jnp.shape(model_output)
     if variance == "learned_range":
         want = x_shape[:-1] + (2 * x_shape[-1],)
@@ -329,18 +333,77 @@ def split_model_output(
     return model_output, None
 
 
-def _predict_x0(
-    schedule: Schedule, out: jax.Array, x_t: jax.Array, t: jax.Array, parameterization: str
+class _Prediction(NamedTuple):
+    """What one parameterisation means: how its output gives x0, what it is trained on, and how
+    its MSE compares with the x0 MSE at a given SNR (for loss weighting)."""
+
+    to_x0: Callable[[Schedule, jax.Array, jax.Array, jax.Array], jax.Array]
+    target: Callable[[Schedule, jax.Array, jax.Array, jax.Array], jax.Array]
+    mse_per_x0_mse: Callable[[jax.Array], jax.Array]
+
+
+# The one table of the eps / x0 / v switch. eps = (x_t - sqrt(abar) x0) / sqrt(1 - abar), so
+# its MSE is snr times the x0 MSE; v = sqrt(abar) eps - sqrt(1 - abar) x0 gives (snr + 1) times.
+_PREDICTIONS: dict[str, _Prediction] = {
+    "eps": _Prediction(
+        to_x0=lambda schedule, out, x_t, t: predict_x0_from_eps(schedule, x_t, t, out),
+        target=lambda schedule, x0, t, noise: noise,
+        mse_per_x0_mse=lambda snr: snr,
+    ),
+    "x0": _Prediction(
+        to_x0=lambda schedule, out, x_t, t: out,
+        target=lambda schedule, x0, t, noise: x0,
+        mse_per_x0_mse=jnp.ones_like,
+    ),
+    "v": _Prediction(
+        to_x0=lambda schedule, out, x_t, t: predict_x0_from_v(schedule, x_t, t, out),
+        target=lambda schedule, x0, t, noise: v_target(schedule, x0, t, noise),
+        mse_per_x0_mse=lambda snr: snr + 1.0,
+    ),
+}
+assert tuple(_PREDICTIONS) == options.PARAMETERIZATIONS
+
+
+def predict_x0(
+    schedule: Schedule,
+    model_output: jax.Array,
+    x_t: jax.Array,
+    t: jax.Array,
+    parameterization: options.Parameterization,
 ) -> jax.Array:
-    if parameterization == "eps":
-        return predict_x0_from_eps(schedule, x_t, t, out)
-    if parameterization == "x0":
-        return out
-    if parameterization == "v":
-        return predict_x0_from_v(schedule, x_t, t, out)
-    raise ValueError(
-        f"Unknown parameterization {parameterization!r}; expected one of {PARAMETERIZATIONS}."
-    )
+    """The x0 a model's (mean) output implies, for any parameterisation (unclipped).
+
+    Args:
+      schedule: the diffusion's tables.
+      model_output: ``[B, ...]`` the prediction (the mean half of a learned-variance output).
+      x_t: ``[B, ...]`` the noised input.
+      t: ``[B]`` int timesteps.
+      parameterization: one of :data:`~diffusion_jax.options.PARAMETERIZATIONS`.
+
+    Returns:
+      ``[B, ...]`` the predicted x0.
+    """
+    prediction = _PREDICTIONS[options.check("parameterization", parameterization)]
+    return prediction.to_x0(schedule, model_output, x_t, t)
+
+
+def training_target(
+    schedule: Schedule,
+    x0: jax.Array,
+    t: jax.Array,
+    noise: jax.Array,
+    parameterization: options.Parameterization,
+) -> jax.Array:
+    """What a model of ``parameterization`` is trained to output for ``q_sample(x0, t, noise)``:
+    ``noise``, ``x0`` or :func:`v_target`."""
+    prediction = _PREDICTIONS[options.check("parameterization", parameterization)]
+    return prediction.target(schedule, x0, t, noise)
+
+
+def mse_per_x0_mse(snr: jax.Array, parameterization: options.Parameterization) -> jax.Array:
+    """The factor by which the MSE of ``parameterization``'s output exceeds the x0 MSE at
+    signal-to-noise ratio ``snr``: ``snr`` (eps), 1 (x0), ``snr + 1`` (v)."""
+    return _PREDICTIONS[options.check("parameterization", parameterization)].mse_per_x0_mse(snr)
 
 
 def p_mean_variance(
@@ -391,7 +454,7 @@ def p_mean_variance(
         var = jnp.exp(log_variance)
     log_variance = jnp.broadcast_to(log_variance, x_t.shape)
     var = jnp.broadcast_to(var, x_t.shape)
-    pred_x0 = clip_pred_x0(_predict_x0(schedule, out, x_t, t, parameterization), clip_x0)
+    pred_x0 = clip_pred_x0(predict_x0(schedule, out, x_t, t, parameterization), clip_x0)
     mean, _, _ = q_posterior_mean_variance(schedule, pred_x0, x_t, t)
     return mean, var, log_variance, pred_x0
 
@@ -475,7 +538,7 @@ def ddim_step(
     _check_same_shape(x_t, noise, "x_t and noise")
     out, _ = split_model_output(model_output, x_t, variance)
     nd = jnp.ndim(x_t)
-    pred_x0 = clip_pred_x0(_predict_x0(schedule, out, x_t, t, parameterization), clip_x0)
+    pred_x0 = clip_pred_x0(predict_x0(schedule, out, x_t, t, parameterization), clip_x0)
     eps = predict_eps_from_x0(schedule, x_t, t, pred_x0)
     # 1 - abar comes from the float64-built tables, never from a float32 subtraction, which
     # loses up to 5e-4 relative at small t where abar is close to 1.

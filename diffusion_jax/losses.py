@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import log_ndtr, ndtr
 
-from diffusion_jax import diffusion
+from diffusion_jax import diffusion, options
 from diffusion_jax.schedules import Schedule
 
 __all__ = [
@@ -36,7 +36,7 @@ __all__ = [
     "vb_terms_bpd",
 ]
 
-LOSS_TYPES = ("simple", "hybrid", "vlb")
+LOSS_TYPES = options.LOSS_TYPES
 ModelFn = Callable[..., jax.Array]
 
 # improved-diffusion's hybrid weight: L_simple + lambda * L_vlb with lambda = 1e-3, where L_vlb
@@ -127,32 +127,7 @@ def min_snr_weight(
     if not gamma > 0:
         raise ValueError(f"min_snr_gamma must be > 0, got {gamma}.")
     snr = jnp.exp(jnp.take(jnp.asarray(schedule.log_snr), t))
-    clamped = jnp.minimum(snr, gamma)
-    if parameterization == "eps":
-        return clamped / snr
-    if parameterization == "x0":
-        return clamped
-    if parameterization == "v":
-        return clamped / (snr + 1.0)
-    raise ValueError(
-        f"Unknown parameterization {parameterization!r}; "
-        f"expected one of {diffusion.PARAMETERIZATIONS}."
-    )
-
-
-def _target(
-    schedule: Schedule, x0: jax.Array, t: jax.Array, noise: jax.Array, parameterization: str
-) -> jax.Array:
-    if parameterization == "eps":
-        return noise
-    if parameterization == "x0":
-        return x0
-    if parameterization == "v":
-        return diffusion.v_target(schedule, x0, t, noise)
-    raise ValueError(
-        f"Unknown parameterization {parameterization!r}; "
-        f"expected one of {diffusion.PARAMETERIZATIONS}."
-    )
+    return jnp.minimum(snr, gamma) / diffusion.mse_per_x0_mse(snr, parameterization)
 
 
 def vb_terms_bpd(
@@ -255,8 +230,7 @@ def training_loss(
       (batch means; ``vb`` is 0 for ``simple``), and per-example ``t`` ``[B]`` and
       ``per_example_loss`` ``[B]`` (unweighted by importance sampling, for loss-aware samplers).
     """
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"Unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}.")
+    options.check("loss_type", loss_type)
     if loss_type == "hybrid" and variance != "learned_range":
         raise ValueError(
             "loss_type='hybrid' trains the variance and needs variance='learned_range', "
@@ -286,7 +260,7 @@ def training_loss(
     model_output = model_fn(params, x_t, t, **model_kwargs).astype(jnp.float32)
     mean_out, var_out = diffusion.split_model_output(model_output, x_t, variance)
 
-    target = _target(schedule, x0, t, noise, parameterization)
+    target = diffusion.training_target(schedule, x0, t, noise, parameterization)
     mse = mean_flat((target - mean_out) ** 2)
     if min_snr_gamma is not None:
         mse = mse * min_snr_weight(schedule, t, min_snr_gamma, parameterization)

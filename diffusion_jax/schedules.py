@@ -24,6 +24,8 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
+from diffusion_jax import options
+
 __all__ = ["SCHEDULES", "Schedule", "beta_table", "from_betas", "get_schedule"]
 
 
@@ -89,6 +91,7 @@ SCHEDULES: dict[str, Callable[..., np.ndarray]] = {
     "sigmoid": _sigmoid_schedule,
     "cosine": _cosine,
 }
+assert tuple(SCHEDULES) == options.SCHEDULE_NAMES
 
 
 def beta_table(name: str, num_timesteps: int = 1000, **kwargs) -> np.ndarray:
@@ -106,8 +109,7 @@ def beta_table(name: str, num_timesteps: int = 1000, **kwargs) -> np.ndarray:
     Raises:
       ValueError: unknown name, T < 1, or parameters the schedule does not take.
     """
-    if name not in SCHEDULES:
-        raise ValueError(f"Unknown schedule {name!r}; expected one of {sorted(SCHEDULES)}.")
+    options.check("schedule", name)
     if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, int | np.integer):
         raise ValueError(f"num_timesteps must be an int, got {num_timesteps!r}.")
     if num_timesteps < 1:

@@ -12,11 +12,12 @@ from typing import Any
 import jax
 import numpy as np
 
+from diffusion_jax import options
 from diffusion_jax.schedules import Schedule, from_betas
 
 __all__ = ["SPACINGS", "check_num_steps", "host_betas", "respace", "timesteps_for"]
 
-SPACINGS = ("linspace", "leading", "trailing", "quadratic")
+SPACINGS = options.SPACINGS
 
 
 def check_num_steps(num_timesteps: int, num_steps: Any) -> int:
@@ -54,8 +55,7 @@ def timesteps_for(num_timesteps: int, num_steps: int, spacing: str = "linspace")
       >>> timesteps_for(1000, 4, "trailing")
       array([999, 749, 499, 249], dtype=int32)
     """
-    if spacing not in SPACINGS:
-        raise ValueError(f"Unknown timestep_spacing {spacing!r}; expected one of {SPACINGS}.")
+    options.check("timestep_spacing", spacing)
     n, last = check_num_steps(num_timesteps, num_steps), num_timesteps - 1
     if spacing == "linspace":
         steps = np.round(np.linspace(0.0, last, n)) if n > 1 else np.array([last])

@@ -1,4 +1,4 @@
-"""Tests for diffusion_jax.checkpoint: round trips, resharding, corruption, refusal, retention."""
+"""diffusion_jax.train.checkpoint: round trips, resharding, corruption, refusal, retention."""
 
 import glob
 import logging
@@ -12,7 +12,12 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
-from diffusion_jax.checkpoint import CheckpointError, CheckpointManager, Restored, restore_params
+from diffusion_jax.train.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    Restored,
+    restore_params,
+)
 
 # A read that fails leaves orbax's other pending reads to finish on a closed event loop; Python
 # reports those as unraisable exceptions. They are harmless (the failure itself is raised).
@@ -331,7 +336,7 @@ def test_corrupt_newest_falls_back_to_previous(tmp_path, caplog, corrupt):
     states = _save_steps(directory, [1, 2, 3])
     corrupt(directory, 3)
     abstract = _abstract(states[3], _one_device)
-    with caplog.at_level(logging.WARNING, logger="diffusion_jax.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="diffusion_jax.train.checkpoint"):
         with CheckpointManager(directory, max_to_keep=10) as manager:
             restored = manager.restore(abstract)
             assert restored.step == 2
@@ -407,7 +412,7 @@ def test_restore_params_restores_one_subtree(tmp_path):
     assert all(leaf.sharding.device_set == {jax.devices()[0]} for leaf in jax.tree.leaves(ema))
 
     # The raw params of an older step, and a deliberate cast (not mistaken for corruption).
-    params = restore_params(directory, None, which="params", step=1)
+    params = restore_params(directory, None, which="raw", step=1)
     _assert_bitwise_equal(params, states[1]["params"])
     as_bf16 = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16, sharding=_one_device()), expected
@@ -415,7 +420,9 @@ def test_restore_params_restores_one_subtree(tmp_path):
     cast = restore_params(directory, as_bf16)
     _assert_bitwise_equal(cast, jax.tree.map(lambda x: x.astype(jnp.bfloat16), expected))
 
-    with pytest.raises(KeyError, match="no entry 'nope'"):
+    with pytest.raises(
+        ValueError, match=r"Unknown params 'nope'; expected one of \('ema', 'raw'\)"
+    ):
         restore_params(directory, None, which="nope")
 
 
@@ -424,7 +431,7 @@ def test_restore_params_falls_back_on_corrupt_newest(tmp_path, caplog, corrupt):
     directory = str(tmp_path / "ckpt")
     states = _save_steps(directory, [1, 2])
     corrupt(directory, 2)
-    with caplog.at_level(logging.WARNING, logger="diffusion_jax.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="diffusion_jax.train.checkpoint"):
         ema = restore_params(directory, None)
     _assert_bitwise_equal(ema, states[1]["ema_params"])
     assert os.path.join(directory, "2") in caplog.text

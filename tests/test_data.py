@@ -98,7 +98,7 @@ def test_digits_end_to_end_batches(digits_dir):
     assert batch["image"].shape == (64, 8, 8, 1) and batch["image"].dtype == np.uint8
     assert batch["label"].shape == (64,) and batch["label"].dtype == np.int32
     assert batch["label"].min() >= 0 and batch["label"].max() <= 9
-    # Pixels are round(v * 255 / 16) for v in 0..16: never scaled on the host.
+    # Pixels are round(v * 255 / 16) for v in 0..16: never scaled on the _runtime.
     allowed = np.round(np.arange(17) * 255 / 16).astype(np.uint8)
     assert np.isin(batch["image"], allowed).all()
     assert "tensorflow" not in sys.modules

@@ -7,8 +7,9 @@ import os
 import numpy as np
 import pytest
 
-from diffusion_jax import evaluate
 from diffusion_jax.data import digits
+from diffusion_jax.evaluation import __main__ as evaluate_cli
+from diffusion_jax.evaluation import digits_check, likelihood, runs
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +21,7 @@ def held_out():
 
 def test_real_held_out_digits_are_recognisable(held_out):
     images, _ = held_out
-    report = evaluate.digits_report(images)
+    report = digits_check.digits_report(images)
     assert report["num"] == 297
     assert report["recognisable_fraction"] > 0.8
     assert report["classes_present"] == 10
@@ -37,7 +38,7 @@ def test_noise_and_blanks_are_not(held_out, kind):
         fake = np.zeros(images.shape)
     else:
         fake = 0.5 * images + 0.5 * rng.integers(0, 256, images.shape)
-    report = evaluate.digits_report(fake.astype(np.uint8))
+    report = digits_check.digits_report(fake.astype(np.uint8))
     # The linear classifier alone is confidently wrong here; the distance test catches it.
     assert report["recognisable_fraction"] < 0.05
 
@@ -46,15 +47,15 @@ def test_cli_exit_code(tmp_path, held_out, capsys):
     images, _ = held_out
     path = tmp_path / "samples.npz"
     np.savez(path, images=images)
-    assert evaluate.main(["digits", "--samples", str(path), "--min_recognisable", "0.5"]) == 0
+    assert evaluate_cli.main(["digits", "--samples", str(path), "--min_recognisable", "0.5"]) == 0
     assert "classes present: 10/10" in capsys.readouterr().out
     np.savez(path, images=np.zeros_like(images))
-    assert evaluate.main(["digits", "--samples", str(path), "--min_recognisable", "0.5"]) == 1
+    assert evaluate_cli.main(["digits", "--samples", str(path), "--min_recognisable", "0.5"]) == 1
 
 
 def test_rejects_wrong_images():
     with pytest.raises(ValueError, match=r"uint8 \[N, 8, 8"):
-        evaluate.digits_report(np.zeros((4, 28, 28, 1), np.uint8))
+        digits_check.digits_report(np.zeros((4, 28, 28, 1), np.uint8))
 
 
 # ----------------------------------------------------------------------------- bits/dim
@@ -74,7 +75,7 @@ def nll_workdir(tmp_path_factory):
     import jax
     import trainer_helpers as h
 
-    from diffusion_jax import train_lib
+    from diffusion_jax import train
 
     steps = NLL_TRAIN["train__num_steps"]
     config = h.digits(
@@ -85,7 +86,7 @@ def nll_workdir(tmp_path_factory):
         train__num_samples=0,
     )
     workdir = str(tmp_path_factory.mktemp("nll") / "digits")
-    train_lib.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+    train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
     return workdir
 
 
@@ -113,7 +114,7 @@ def test_nll_of_one_point_dataset_matches_closed_form():
     pixels = np.array([0, 37, 128, 200, 255, 255, 90, 1], np.uint8).reshape(2, 4, 1)
     x_star = pixels.astype(np.float64) / 127.5 - 1.0
     source = ArraySource({"image": np.broadcast_to(pixels, (10, 2, 4, 1)).copy()})
-    result = evaluate.nll_of_source(
+    result = likelihood.nll_of_source(
         _one_point_model(schedule, x_star.astype(np.float32)),
         None,
         schedule,
@@ -149,14 +150,15 @@ def _half_model(params, x_t, t):
 def test_nll_does_not_depend_on_batch_size_or_devices():
     import jax
 
-    from diffusion_jax import schedules, sharding
+    from diffusion_jax import schedules
     from diffusion_jax.data.sources import ArraySource
+    from diffusion_jax.train import sharding
 
     schedule = schedules.get_schedule("cosine", 10)
     images = np.random.default_rng(0).integers(0, 256, (12, 4, 4, 3), dtype=np.uint8)
     source = ArraySource({"image": images})
     results = [
-        evaluate.nll_of_source(
+        likelihood.nll_of_source(
             _half_model, None, schedule, source, batch_size=batch, seed=3, mesh=mesh
         )
         for batch, mesh in [
@@ -166,14 +168,14 @@ def test_nll_does_not_depend_on_batch_size_or_devices():
     ]
     for key in ("decoder_bpd", "transitions_bpd", "prior_bpd", "total_bpd", "total_bpd_stderr"):
         np.testing.assert_allclose(results[0][key], results[1][key], rtol=1e-6, err_msg=key)
-    other_seed = evaluate.nll_of_source(_half_model, None, schedule, source, seed=4)
+    other_seed = likelihood.nll_of_source(_half_model, None, schedule, source, seed=4)
     assert other_seed["transitions_bpd"] != results[0]["transitions_bpd"]
 
 
 def test_nll_cli_prints_and_writes_the_bound(nll_workdir, capsys):
     # 40 examples in batches of 32: the second batch is padded.
     argv = ["nll", "--workdir", nll_workdir, "--num", "40", "--batch_size", "32"]
-    assert evaluate.main(argv) == 0
+    assert evaluate_cli.main(argv) == 0
     out = capsys.readouterr().out
     total_line = next(line for line in out.splitlines() if line.lstrip().startswith("total"))
     assert "bits/dim" in total_line
@@ -202,12 +204,12 @@ def test_trained_model_scores_lower_than_its_initialisation(nll_workdir):
 
     from diffusion_jax import data
 
-    run = evaluate.restore_run(nll_workdir)
+    run = runs.restore_run(nll_workdir)
     x = np.zeros((1, *run.data_shape), np.float32)
     init = jax.jit(run.model.init)(jax.random.key(run.config.seed), x, np.zeros((1,), np.int32))
     _, source = data.open_split("digits", split="test")
     trained, untrained = (  # run.model_fn: the CLI's compiled bound serves both
-        evaluate.nll_of_source(run.model_fn, params, run.schedule, source, num=32, batch_size=32)
+        likelihood.nll_of_source(run.model_fn, params, run.schedule, source, num=32, batch_size=32)
         for params in (run.params, init["params"])
     )
     assert trained["total_bpd"] < untrained["total_bpd"] - NLL_MARGIN, (trained, untrained)
@@ -219,9 +221,9 @@ def test_nll_refuses_two_dimensional_data_and_missing_checkpoints(tmp_path, caps
     import jax
     import trainer_helpers as h
 
-    from diffusion_jax import train_lib
+    from diffusion_jax import train
 
-    assert evaluate.main(["nll", "--workdir", str(tmp_path / "nothing")]) == 2
+    assert evaluate_cli.main(["nll", "--workdir", str(tmp_path / "nothing")]) == 2
     assert "No checkpoint" in capsys.readouterr().err
     workdir = str(tmp_path / "swissroll")
     config = h.swissroll(
@@ -231,6 +233,6 @@ def test_nll_refuses_two_dimensional_data_and_missing_checkpoints(tmp_path, caps
         train__log_every=2,
         train__num_samples=0,
     )
-    train_lib.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+    train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
     with pytest.raises(ValueError, match="discretised decoder"):
-        evaluate.nll_from_workdir(workdir, progress=False)
+        likelihood.nll_from_workdir(workdir, progress=False)

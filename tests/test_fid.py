@@ -22,8 +22,12 @@ import pytest
 import scipy.linalg
 import trainer_helpers as h
 
-from diffusion_jax import checkpoint, configuration, data, fid
+from diffusion_jax import data
+from diffusion_jax.evaluation import __main__ as evaluate_cli
+from diffusion_jax.evaluation import fid
 from diffusion_jax.models import inception
+from diffusion_jax.train import checkpoint
+from diffusion_jax.train import config as config_lib
 
 # Measured: 7e-7 for pool features and logits (float32 on CPU); a wrong block (average pooling
 # counting the padding, or Mixed_7c average- instead of max-pooling) or BatchNorm eps 1e-5
@@ -292,7 +296,7 @@ def test_convert_command_reads_a_pth(state_dict, tmp_path, capsys):
     torch = pytest.importorskip("torch")
     pth, out = tmp_path / "weights.pth", tmp_path / "converted.npz"
     torch.save({name: torch.from_numpy(value) for name, value in state_dict.items()}, pth)
-    assert fid.main(["convert-inception", "--pth", str(pth), "--out", str(out)]) == 0
+    assert evaluate_cli.main(["convert-inception", "--pth", str(pth), "--out", str(out)]) == 0
     assert "not pytorch-fid's 6726825d" in capsys.readouterr().err  # a different file
     loaded = fid.load_inception_variables(str(out))
     np.testing.assert_array_equal(loaded["params"]["fc"]["kernel"], state_dict["fc.weight"].T)
@@ -307,14 +311,14 @@ def digits_workdir(tmp_path_factory):
     trained one; training, or even compiling ``init``, would only add time)."""
     workdir = tmp_path_factory.mktemp("fid_digits") / "run"
     config = h.digits()
-    model = configuration.build_model(config, (8, 8, 1), 10)
+    model = config_lib.build_model(config, (8, 8, 1), 10)
     x, t = jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32)
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, t)["params"])
     rng = np.random.default_rng(0)
     params = jax.tree.map(lambda a: 0.1 * rng.normal(size=a.shape).astype(a.dtype), shapes)
     with checkpoint.CheckpointManager(str(workdir / "checkpoints")) as manager:
         state = {"params": params, "ema_params": params}
-        manager.save(0, state, config=configuration.config_to_dict(config), force=True)
+        manager.save(0, state, config=config_lib.config_to_dict(config), force=True)
     return workdir
 
 
@@ -323,7 +327,7 @@ def test_ref_stats_and_fid_commands(digits_workdir, weights_file, tmp_path, monk
     stats_path = tmp_path / "digits_stats.npz"
     # Inception batches of 8 images: one per fake device (each costs ~2 s on 2 CPU cores).
     argv = ["ref-stats", "--dataset", "digits", "--num", "8", "--batch_size", "8"]
-    assert fid.main([*argv, "--out", str(stats_path)]) == 0
+    assert evaluate_cli.main([*argv, "--out", str(stats_path)]) == 0
     assert "statistics of 8 images of digits:train" in capsys.readouterr().out
     with np.load(stats_path) as npz:
         assert npz["mu"].shape == (2048,) and npz["sigma"].shape == (2048, 2048)
@@ -342,7 +346,7 @@ def test_ref_stats_and_fid_commands(digits_workdir, weights_file, tmp_path, monk
     compiled = fid._features._cache_size()
     argv = ["fid", "--workdir", str(digits_workdir), "--ref", str(stats_path), "--num", "6"]
     # 6 samples: one Inception batch, padded, and no new compilation of the network.
-    assert fid.main([*argv, "--steps", "4", "--inception_batch_size", "8"]) == 0
+    assert evaluate_cli.main([*argv, "--steps", "4", "--inception_batch_size", "8"]) == 0
     assert fid._features._cache_size() == compiled
     out = capsys.readouterr().out
     assert "FID " in out and "(6 samples, ema params, ddim 4 steps)" in out
@@ -354,8 +358,8 @@ def test_ref_stats_and_fid_commands(digits_workdir, weights_file, tmp_path, monk
 def test_commands_report_missing_inputs(digits_workdir, tmp_path, monkeypatch, capsys):
     monkeypatch.delenv(fid.WEIGHTS_ENV, raising=False)
     argv = ["ref-stats", "--dataset", "digits", "--out", str(tmp_path / "s.npz")]
-    assert fid.main(argv) == 2
+    assert evaluate_cli.main(argv) == 2
     assert "convert-inception" in capsys.readouterr().err
     argv = ["fid", "--workdir", str(digits_workdir), "--ref", str(tmp_path / "none.npz")]
-    assert fid.main(argv) == 2
+    assert evaluate_cli.main(argv) == 2
     assert "ref-stats" in capsys.readouterr().err

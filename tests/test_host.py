@@ -1,4 +1,4 @@
-"""diffusion_jax.host: the command-line tools' glibc heap settings."""
+"""diffusion_jax._runtime.keep_freed_memory: the command-line tools' glibc heap settings."""
 
 import platform
 import subprocess
@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from diffusion_jax import host
+from diffusion_jax import _runtime
 
 glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="needs glibc's mallopt")
 
@@ -14,7 +14,7 @@ glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="needs glib
 @glibc
 def test_applies_in_a_fresh_process():
     # In a subprocess, so that the test process keeps glibc's defaults.
-    code = "from diffusion_jax import host; print(host.keep_freed_memory())"
+    code = "from diffusion_jax import _runtime; print(_runtime.keep_freed_memory())"
     env = {"PATH": "/usr/bin:/bin"}
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
@@ -32,9 +32,9 @@ def test_applies_in_a_fresh_process():
 )
 def test_user_settings_win(monkeypatch, name, value):
     monkeypatch.setenv(name, value)
-    assert host.keep_freed_memory() is False
+    assert _runtime.keep_freed_memory() is False
 
 
 def test_limits_fit_mallopt():
-    assert 0 < host.TRIM_THRESHOLD_BYTES <= 2**31 - 1
-    assert 0 < host.TOP_PAD_BYTES <= 2**31 - 1
+    assert 0 < _runtime.TRIM_THRESHOLD_BYTES <= 2**31 - 1
+    assert 0 < _runtime.TOP_PAD_BYTES <= 2**31 - 1

@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffusion_jax import plots, run_plots
+from diffusion_jax import plots
+from diffusion_jax.evaluation import figures as run_figures
+from diffusion_jax.plots import __main__ as plots_cli
 
 
 def _assert_png_not_blank(path, min_size=(400, 200)):
@@ -18,13 +20,13 @@ def _assert_png_not_blank(path, min_size=(400, 200)):
 
 def test_schedules_figure(tmp_path):
     out = tmp_path / "schedules.png"
-    assert plots.main(["schedules", "--out", str(out), "--num_timesteps", "200"]) == 0
+    assert plots_cli.main(["schedules", "--out", str(out), "--num_timesteps", "200"]) == 0
     _assert_png_not_blank(out, min_size=(1400, 380))
 
 
 def test_noising_figure(tmp_path):
     out = tmp_path / "sub" / "noising.png"
-    assert plots.main(["noising", "--out", str(out), "--num_timesteps", "100"]) == 0
+    assert plots_cli.main(["noising", "--out", str(out), "--num_timesteps", "100"]) == 0
     _assert_png_not_blank(out, min_size=(1200, 600))
 
 
@@ -41,7 +43,7 @@ def test_noising_on_a_dataset_image_or_the_synthetic_one(tmp_path):
     assert image.min() >= -1.0 and image.max() <= 1.0 and image.std() > 0.3
     out = tmp_path / "synthetic.png"
     argv = ["noising", "--out", str(out), "--num_timesteps", "100", "--dataset", "synthetic"]
-    assert plots.main(argv) == 0
+    assert plots_cli.main(argv) == 0
     _assert_png_not_blank(out, min_size=(1200, 600))
     with pytest.raises(ValueError, match="not images"):
         plots.dataset_image("swissroll")
@@ -57,14 +59,14 @@ def digits_workdir(tmp_path_factory):
     import jax
     import trainer_helpers as h
 
-    from diffusion_jax import train_lib
+    from diffusion_jax import train
 
     config = h.digits(
         optim__lr=2e-3, optim__lr_schedule="constant", train__checkpoint_every=6,
         train__num_samples=0,
     )  # fmt: skip
     workdir = str(tmp_path_factory.mktemp("plots") / "digits")
-    train_lib.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+    train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
     return workdir
 
 
@@ -74,18 +76,18 @@ def swissroll_workdir(tmp_path_factory):
     import jax
     import trainer_helpers as h
 
-    from diffusion_jax import train_lib
+    from diffusion_jax import train
 
     workdir = str(tmp_path_factory.mktemp("plots") / "swissroll")
     config = h.swissroll(train__checkpoint_every=40, train__num_samples=0)
-    train_lib.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+    train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
     return workdir
 
 
 def test_trajectory_figure_of_images(digits_workdir, tmp_path):
     out = tmp_path / "trajectory.png"
     argv = ["trajectory", "--workdir", digits_workdir, "--out", str(out), "--steps", "10"]
-    assert plots.main([*argv, "--num", "4", "--frames", "5"]) == 0
+    assert plots_cli.main([*argv, "--num", "4", "--frames", "5"]) == 0
     # 5 pairs of 32-pixel tiles and the sample: wider than tall, every row visible.
     _assert_png_not_blank(out, min_size=(500, 180))
 
@@ -93,32 +95,32 @@ def test_trajectory_figure_of_images(digits_workdir, tmp_path):
 def test_trajectory_figure_of_points(swissroll_workdir, tmp_path):
     out = tmp_path / "trajectory.png"
     argv = ["trajectory", "--workdir", swissroll_workdir, "--out", str(out), "--steps", "10"]
-    assert plots.main([*argv, "--num", "200", "--frames", "5"]) == 0
+    assert plots_cli.main([*argv, "--num", "200", "--frames", "5"]) == 0
     _assert_png_not_blank(out, min_size=(1300, 450))
 
 
 def test_loss_figure(digits_workdir, tmp_path):
     out = tmp_path / "loss.png"
-    assert plots.main(["loss", "--workdir", digits_workdir, "--out", str(out)]) == 0
+    assert plots_cli.main(["loss", "--workdir", digits_workdir, "--out", str(out)]) == 0
     _assert_png_not_blank(out, min_size=(1200, 420))
     with pytest.raises(FileNotFoundError, match="No training losses"):
-        run_plots.plot_loss(str(tmp_path / "empty"), str(tmp_path / "x.png"))
+        run_figures.plot_loss(str(tmp_path / "empty"), str(tmp_path / "x.png"))
 
 
 def test_samples_figure_of_images(digits_workdir, tmp_path):
     out = tmp_path / "samples.png"
     argv = ["samples", "--workdir", digits_workdir, "--out", str(out), "--num", "16"]
-    assert plots.main([*argv, "--steps", "5"]) == 0
+    assert plots_cli.main([*argv, "--steps", "5"]) == 0
     _assert_png_not_blank(out, min_size=(400, 400))
 
 
 def test_samples_figure_of_points(swissroll_workdir, tmp_path):
     out = tmp_path / "samples.png"
     argv = ["samples", "--workdir", swissroll_workdir, "--out", str(out), "--num", "256"]
-    assert plots.main([*argv, "--steps", "10"]) == 0
+    assert plots_cli.main([*argv, "--steps", "10"]) == 0
     _assert_png_not_blank(out, min_size=(600, 600))
 
 
 def test_workdir_figures_need_a_workdir(tmp_path):
     with pytest.raises(SystemExit):
-        plots.main(["samples", "--out", str(tmp_path / "x.png")])
+        plots_cli.main(["samples", "--out", str(tmp_path / "x.png")])

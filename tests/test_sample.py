@@ -1,5 +1,5 @@
-"""sample.py and sampling_lib: restore, sample across devices, write files; reproducibility and
-clear errors."""
+"""sample.py and evaluation.sampling: restore, sample across devices, write files;
+reproducibility and clear errors."""
 
 from __future__ import annotations
 
@@ -7,14 +7,15 @@ import numpy as np
 import pytest
 import trainer_helpers as h
 
-from diffusion_jax import sampling_lib, train_lib
+from diffusion_jax import train
+from diffusion_jax.evaluation import sampling
 
 
 @pytest.fixture(scope="module")
 def swiss_workdir(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("sample_swiss") / "run"
     config = h.swissroll(train__num_steps=20, train__checkpoint_every=10, train__eval_every=0)
-    train_lib.train_and_evaluate(config, str(workdir))
+    train.train_and_evaluate(config, str(workdir))
     return workdir
 
 
@@ -30,16 +31,16 @@ def moons_workdir(tmp_path_factory):
         train__checkpoint_every=10,
         train__eval_every=0,
     )
-    train_lib.train_and_evaluate(config, str(workdir))
+    train.train_and_evaluate(config, str(workdir))
     return workdir
 
 
 def test_same_seed_same_samples_at_any_batch_size(swiss_workdir, tmp_path):
     kwargs = dict(num=40, method="ddim", steps=10, seed=3, progress=False)
-    big = sampling_lib.sample_from_workdir(
+    big = sampling.sample_from_workdir(
         str(swiss_workdir), out=str(tmp_path / "a"), batch_size=64, **kwargs
     )
-    small = sampling_lib.sample_from_workdir(
+    small = sampling.sample_from_workdir(
         str(swiss_workdir), out=str(tmp_path / "b"), batch_size=16, **kwargs
     )
     a, b = np.load(big["npz"])["x"], np.load(small["npz"])["x"]
@@ -47,20 +48,20 @@ def test_same_seed_same_samples_at_any_batch_size(swiss_workdir, tmp_path):
     # Batches of 16 land on 8 devices as 2 rows each; 64 as 8: the math is elementwise in the
     # batch, so only the compiled kernels' float rounding may differ.
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-    other = sampling_lib.sample_from_workdir(
+    other = sampling.sample_from_workdir(
         str(swiss_workdir), out=str(tmp_path / "c"), batch_size=64, **dict(kwargs, seed=4)
     )
     assert not np.allclose(np.load(other["npz"])["x"], a)
 
 
 def test_raw_and_checkpoint_step_choices(swiss_workdir, tmp_path):
-    ema = sampling_lib.sample_from_workdir(
+    ema = sampling.sample_from_workdir(
         str(swiss_workdir), out=str(tmp_path / "ema"), num=8, steps=5, progress=False
     )
-    raw = sampling_lib.sample_from_workdir(
+    raw = sampling.sample_from_workdir(
         str(swiss_workdir), out=str(tmp_path / "raw"), num=8, steps=5, which="raw", progress=False
     )
-    early = sampling_lib.sample_from_workdir(
+    early = sampling.sample_from_workdir(
         str(swiss_workdir),
         out=str(tmp_path / "early"),
         num=8,
@@ -73,7 +74,7 @@ def test_raw_and_checkpoint_step_choices(swiss_workdir, tmp_path):
 
 
 def test_guided_conditional_sampling(moons_workdir, tmp_path):
-    written = sampling_lib.sample_from_workdir(
+    written = sampling.sample_from_workdir(
         str(moons_workdir),
         out=str(tmp_path / "guided"),
         num=16,
@@ -87,7 +88,7 @@ def test_guided_conditional_sampling(moons_workdir, tmp_path):
     assert samples.shape == (16, 2) and np.isfinite(samples).all()
     assert written["grid"].endswith("scatter.png")
     with pytest.raises(ValueError, match=r"out of range: the model has classes 0\.\.1"):
-        sampling_lib.sample_from_workdir(
+        sampling.sample_from_workdir(
             str(moons_workdir), out=str(tmp_path / "x"), num=4, labels="0,2", progress=False
         )
 
@@ -95,25 +96,25 @@ def test_guided_conditional_sampling(moons_workdir, tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
-        ({"method": "euler"}, ValueError, "Unknown --method"),
+        ({"method": "euler"}, ValueError, "Unknown method .euler.; expected one of"),
         ({"steps": 51}, ValueError, r"--steps must lie in \[1, 50\]"),
         ({"steps": 0}, ValueError, "--steps must lie in"),
         ({"checkpoint_step": 7}, ValueError, "No checkpoint at step 7"),
         ({"labels": "1"}, ValueError, "not class-conditional"),
         ({"guidance": 2.0}, ValueError, "--guidance needs --labels"),
-        ({"which": "best"}, ValueError, "--params must be"),
+        ({"which": "best"}, ValueError, "Unknown params .best.; expected one of"),
     ],
 )
 def test_bad_requests_are_clear_errors(swiss_workdir, tmp_path, kwargs, error, message):
     with pytest.raises(error, match=message):
-        sampling_lib.sample_from_workdir(
+        sampling.sample_from_workdir(
             str(swiss_workdir), out=str(tmp_path / "x"), num=4, progress=False, **kwargs
         )
 
 
 def test_relative_workdir_path(swiss_workdir, tmp_path, monkeypatch):
     monkeypatch.chdir(swiss_workdir.parent)
-    written = sampling_lib.sample_from_workdir(
+    written = sampling.sample_from_workdir(
         swiss_workdir.name, out="relative_out", num=8, steps=5, progress=False
     )
     assert np.load(swiss_workdir.parent / "relative_out" / "samples.npz")["x"].shape == (8, 2)
@@ -122,7 +123,7 @@ def test_relative_workdir_path(swiss_workdir, tmp_path, monkeypatch):
 
 def test_workdir_without_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="No checkpoint in"):
-        sampling_lib.sample_from_workdir(str(tmp_path), out=str(tmp_path / "x"), progress=False)
+        sampling.sample_from_workdir(str(tmp_path), out=str(tmp_path / "x"), progress=False)
 
 
 def test_sample_py_command_line(swiss_workdir, tmp_path):

@@ -15,16 +15,20 @@ import numpy as np
 import pytest
 import trainer_helpers as h
 
-from diffusion_jax import checkpoint, configuration, train_lib, train_step
 from diffusion_jax import data as data_lib
-from diffusion_jax import metrics as metrics_lib
+from diffusion_jax import train
+from diffusion_jax.train import checkpoint
+from diffusion_jax.train import config as config_lib
+from diffusion_jax.train import loop as train_loop
+from diffusion_jax.train import metrics as metrics_lib
+from diffusion_jax.train import step as train_step
 
 
 @pytest.fixture(scope="module")
 def swiss_workdir(tmp_path_factory):
     """A finished 40-step swiss-roll run (checkpoints at 20 and 40)."""
     workdir = tmp_path_factory.mktemp("swiss") / "run"
-    train_lib.train_and_evaluate(h.swissroll(), str(workdir))
+    train.train_and_evaluate(h.swissroll(), str(workdir))
     return workdir
 
 
@@ -53,7 +57,7 @@ def test_resume_continues_and_truncates_metrics(swiss_workdir, tmp_path):
         f.write('{"step": 50, "lo')  # torn by the kill
     metrics_lib.truncate_metrics(str(workdir), 40)
     assert max(h.losses_by_step(workdir)) == 40
-    state = train_lib.train_and_evaluate(h.swissroll(train__num_steps=50), str(workdir))
+    state = train.train_and_evaluate(h.swissroll(train__num_steps=50), str(workdir))
     assert int(state.step) == 50
     steps = [r["step"] for r in metrics_lib.read_metrics(str(workdir)) if "loss" in r]
     assert steps == sorted(set(steps)) and steps[-1] == 50
@@ -63,8 +67,8 @@ def test_changed_config_is_refused_unless_allowed(swiss_workdir, tmp_path):
     workdir = tmp_path / "run"
     shutil.copytree(swiss_workdir, workdir)
     with pytest.raises(ValueError, match=r"optim\.lr"):
-        train_lib.train_and_evaluate(h.swissroll(optim__lr=5e-3), str(workdir))
-    state = train_lib.train_and_evaluate(
+        train.train_and_evaluate(h.swissroll(optim__lr=5e-3), str(workdir))
+    state = train.train_and_evaluate(
         h.swissroll(optim__lr=5e-3, train__num_steps=45), str(workdir), allow_config_change=True
     )
     assert int(state.step) == 45
@@ -81,7 +85,7 @@ def test_corrupt_newest_checkpoint_falls_back(swiss_workdir, tmp_path, caplog):
                 with open(path, "r+b") as f:
                     f.seek(os.path.getsize(path) // 2)
                     f.write(b"\x00garbage\x00" * 4)
-    state = train_lib.train_and_evaluate(h.swissroll(), str(workdir))
+    state = train.train_and_evaluate(h.swissroll(), str(workdir))
     assert int(state.step) == 40  # resumed from 20, trained 20 more
     reference = h.final_params(swiss_workdir)
     h.assert_trees_equal(jax.tree.map(np.asarray, state.params), reference)
@@ -117,13 +121,13 @@ def _inject_nan(monkeypatch, bad_steps):
 
         return Poisoned()
 
-    monkeypatch.setattr(train_lib.data, "create_iterator", create_iterator)
+    monkeypatch.setattr(train_loop.data, "create_iterator", create_iterator)
 
 
 def test_nan_update_is_skipped_and_counted(monkeypatch, tmp_path):
     _inject_nan(monkeypatch, bad_steps={7})
     workdir = tmp_path / "run"
-    state = train_lib.train_and_evaluate(
+    state = train.train_and_evaluate(
         h.swissroll(train__num_steps=10, train__log_every=1), str(workdir)
     )
     records = {r["step"]: r for r in metrics_lib.read_metrics(str(workdir)) if "loss" in r}
@@ -140,8 +144,8 @@ def test_persistent_nans_stop_the_run_and_are_never_saved(monkeypatch, tmp_path)
     config = h.swissroll(
         train__num_steps=30, train__checkpoint_every=2, train__max_nonfinite_steps=5
     )
-    with pytest.raises(train_lib.NonFiniteError, match="5 consecutive steps"):
-        train_lib.train_and_evaluate(config, str(workdir))
+    with pytest.raises(train.NonFiniteError, match="5 consecutive steps"):
+        train.train_and_evaluate(config, str(workdir))
     manager = checkpoint.CheckpointManager(str(workdir / "checkpoints"))
     assert manager.latest_step() is not None and manager.latest_step() <= 8
     for step in manager.all_steps():
@@ -152,8 +156,8 @@ def test_persistent_nans_stop_the_run_and_are_never_saved(monkeypatch, tmp_path)
 
 def test_one_and_eight_devices_give_the_same_losses(tmp_path):
     config = h.swissroll(train__num_steps=10, train__log_every=1, train__eval_every=0)
-    one = train_lib.train_and_evaluate(config, str(tmp_path / "one"), devices=jax.devices()[:1])
-    eight = train_lib.train_and_evaluate(config, str(tmp_path / "eight"))
+    one = train.train_and_evaluate(config, str(tmp_path / "one"), devices=jax.devices()[:1])
+    eight = train.train_and_evaluate(config, str(tmp_path / "eight"))
     assert len(jax.devices()) == 8
     losses_one, losses_eight = (
         h.losses_by_step(tmp_path / "one"),
@@ -170,7 +174,7 @@ def test_one_and_eight_devices_give_the_same_losses(tmp_path):
 
 def test_gradient_accumulation_counts_optimiser_steps(tmp_path):
     config = h.swissroll(train__num_steps=6, optim__accumulate_steps=2, train__eval_every=0)
-    state = train_lib.train_and_evaluate(config, str(tmp_path / "run"))
+    state = train.train_and_evaluate(config, str(tmp_path / "run"))
     import optax
 
     assert int(optax.tree_utils.tree_get(state.opt_state, "gradient_step")) == 6
@@ -184,40 +188,40 @@ def test_vlb_with_loss_aware_timesteps_runs(tmp_path):
         diffusion__timestep_sampler="loss_second_moment",
         train__eval_every=0,
     )
-    state = train_lib.train_and_evaluate(config, str(tmp_path / "run"))
+    state = train.train_and_evaluate(config, str(tmp_path / "run"))
     counts, history = np.asarray(state.loss_counts), np.asarray(state.loss_history)
-    assert 0 < counts.sum() <= 6 * 64 and counts.max() <= train_lib.HISTORY
+    assert 0 < counts.sum() <= 6 * 64 and counts.max() <= train_step.HISTORY
     # Every recorded loss sits in its row's first `count` slots, and nothing else does.
     assert ((history != 0).sum(axis=1) == counts).all()
 
 
 def test_loss_history_and_importance_probabilities():
     num_timesteps = 4
-    state = train_lib.TrainState(
+    state = train_step.TrainState(
         step=0,
         params={},
         ema_params={},
         opt_state=(),
-        loss_history=jax.numpy.zeros((num_timesteps, train_lib.HISTORY)),
+        loss_history=jax.numpy.zeros((num_timesteps, train_step.HISTORY)),
         loss_counts=jax.numpy.zeros((num_timesteps,), jax.numpy.int32),
     )
     np.testing.assert_allclose(train_step._timestep_probs(state), np.full(4, 0.25))
     rng = np.random.default_rng(0)
-    history = np.zeros((num_timesteps, train_lib.HISTORY))
+    history = np.zeros((num_timesteps, train_step.HISTORY))
     counts = np.zeros(num_timesteps, int)
     for _ in range(8):
         t = rng.integers(0, num_timesteps, 16)
         loss = rng.uniform(0.5, 2.0, 16) * (t + 1)
         state = train_step._record_losses(state, jax.numpy.asarray(t), jax.numpy.asarray(loss))
         for ti, li in zip(t, loss, strict=True):  # reference: keep the last HISTORY losses
-            if counts[ti] < train_lib.HISTORY:
+            if counts[ti] < train_step.HISTORY:
                 history[ti, counts[ti]] = li
                 counts[ti] += 1
             else:
                 history[ti] = np.append(history[ti, 1:], li)
     np.testing.assert_allclose(np.asarray(state.loss_history), history, rtol=1e-6)
     np.testing.assert_array_equal(np.asarray(state.loss_counts), counts)
-    assert counts.min() == train_lib.HISTORY
+    assert counts.min() == train_step.HISTORY
     weights = np.sqrt((history**2).mean(axis=1))
     expected = weights / weights.sum() * (1 - 1e-3) + 1e-3 / num_timesteps
     np.testing.assert_allclose(train_step._timestep_probs(state), expected, rtol=1e-5)
@@ -230,7 +234,7 @@ def test_init_from_starts_from_another_runs_params(swiss_workdir, tmp_path):
         optim__lr=1e-30,
         optim__warmup_steps=0,
     )
-    state = train_lib.train_and_evaluate(config, str(tmp_path / "finetune"))
+    state = train.train_and_evaluate(config, str(tmp_path / "finetune"))
     source = h.final_params(swiss_workdir)
     h.assert_trees_equal(jax.tree.map(np.asarray, state.params), source)
 
@@ -250,7 +254,7 @@ def test_init_from_starts_from_another_runs_params(swiss_workdir, tmp_path):
 )
 def test_bad_config_values_fail_before_training(overrides, message, tmp_path):
     with pytest.raises(ValueError, match=message):
-        train_lib.train_and_evaluate(h.swissroll(**overrides), str(tmp_path / "run"))
+        train.train_and_evaluate(h.swissroll(**overrides), str(tmp_path / "run"))
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
@@ -258,18 +262,18 @@ def test_unknown_config_key_is_rejected():
     config = h.swissroll()
     config.train.num_stepz = 3
     with pytest.raises(ValueError, match=r"train\.num_stepz"):
-        configuration.validate_config(config)
+        config_lib.validate_config(config)
 
 
 def test_missing_dataset_fails_at_once(tmp_path):
     config = h.swissroll(data__name="cifar10", data__data_dir=str(tmp_path / "empty"))
     with pytest.raises(FileNotFoundError, match="prepare cifar10"):
-        train_lib.train_and_evaluate(config, str(tmp_path / "run"))
+        train.train_and_evaluate(config, str(tmp_path / "run"))
 
 
 def test_bfloat16_compute_keeps_float32_state(tmp_path):
     config = h.swissroll(train__num_steps=5, train__compute_dtype="bfloat16", train__eval_every=0)
-    state = train_lib.train_and_evaluate(config, str(tmp_path / "run"))
+    state = train.train_and_evaluate(config, str(tmp_path / "run"))
     dtypes = {leaf.dtype for leaf in jax.tree.leaves((state.params, state.ema_params))}
     assert dtypes == {np.dtype("float32")}
     losses = h.losses_by_step(tmp_path / "run")
@@ -279,7 +283,7 @@ def test_bfloat16_compute_keeps_float32_state(tmp_path):
 def test_resume_onto_a_different_number_of_devices(swiss_workdir, tmp_path):
     workdir = tmp_path / "run"
     shutil.copytree(swiss_workdir, workdir)  # saved from 8 devices
-    state = train_lib.train_and_evaluate(
+    state = train.train_and_evaluate(
         h.swissroll(train__num_steps=45), str(workdir), devices=jax.devices()[:1]
     )
     assert int(state.step) == 45

@@ -6,12 +6,12 @@ import os
 import numpy as np
 import trainer_helpers as h
 
-from diffusion_jax import train_lib
+from diffusion_jax import train
 
 
 def test_digits_unet_end_to_end(tmp_path):
     workdir = tmp_path / "digits"
-    state = train_lib.train_and_evaluate(h.digits(), str(workdir))
+    state = train.train_and_evaluate(h.digits(), str(workdir))
     assert int(state.step) == 6
     losses = h.losses_by_step(workdir)
     assert sorted(losses) == [2, 4, 6] and all(np.isfinite(v) for v in losses.values())

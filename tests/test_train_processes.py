@@ -12,7 +12,8 @@ import jax
 import numpy as np
 import trainer_helpers as h
 
-from diffusion_jax import checkpoint, train_lib
+from diffusion_jax import train
+from diffusion_jax.train import checkpoint
 
 KILL_RUN = dict(
     h.TINY_SWISSROLL,
@@ -40,7 +41,7 @@ def _wait_for(path, process, timeout=240.0):
 def test_sigkill_then_resume_is_bit_exact(tmp_path):
     reference = tmp_path / "reference"
     config = h.apply_overrides(h.swissroll(), KILL_RUN)
-    train_lib.train_and_evaluate(config, str(reference))
+    train.train_and_evaluate(config, str(reference))
 
     workdir = tmp_path / "killed"
     command = h.train_command("swissroll.py", workdir, h.flag_overrides(KILL_RUN))
@@ -56,9 +57,7 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert h.losses_by_step(workdir) == h.losses_by_step(reference)
     h.assert_trees_equal(h.final_params(workdir), h.final_params(reference))
-    h.assert_trees_equal(
-        h.final_params(workdir, "ema_params"), h.final_params(reference, "ema_params")
-    )
+    h.assert_trees_equal(h.final_params(workdir, "ema"), h.final_params(reference, "ema"))
 
 
 def test_sigterm_checkpoints_and_stops(tmp_path):
@@ -97,7 +96,7 @@ def test_two_processes_train_like_one(tmp_path):
     run = dict(h.TINY_SWISSROLL, **{"train.num_steps": 10, "train.log_every": 1})
     run["train.eval_every"] = 0
     reference = tmp_path / "reference"
-    train_lib.train_and_evaluate(h.apply_overrides(h.swissroll(), run), str(reference))
+    train.train_and_evaluate(h.apply_overrides(h.swissroll(), run), str(reference))
 
     workdir = tmp_path / "distributed"
     address = f"127.0.0.1:{_free_port()}"

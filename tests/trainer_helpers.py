@@ -11,7 +11,7 @@ import numpy as np
 
 from configs import digits as digits_config
 from configs import swissroll as swissroll_config
-from diffusion_jax import checkpoint, metrics
+from diffusion_jax.train import checkpoint, metrics
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -136,7 +136,7 @@ def losses_by_step(workdir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in metrics.read_metrics(str(workdir)) if "loss" in r}
 
 
-def final_params(workdir, which: str = "params"):
+def final_params(workdir, which: str = "raw"):
     """A run's latest saved parameters, as numpy."""
     params = checkpoint.restore_params(os.path.join(workdir, "checkpoints"), None, which=which)
     import jax

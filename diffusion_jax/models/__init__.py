@@ -14,6 +14,7 @@ Example:
   (4, 2)
 """
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -25,13 +26,16 @@ from diffusion_jax.models.layers import timestep_embedding
 from diffusion_jax.models.mlp import MLP
 from diffusion_jax.models.unet import UNet
 
-__all__ = ["MLP", "UNet", "get_model", "make_model_fn", "timestep_embedding"]
+__all__ = ["MLP", "UNet", "example_inputs", "get_model", "make_model_fn", "timestep_embedding"]
 
 _MODELS: dict[str, type[nn.Module]] = {"unet": UNet, "mlp": MLP}
 
 
 def make_model_fn(module: nn.Module, *, train: bool) -> Callable[..., jax.Array]:
     """Wraps a Linen denoiser as the core's ``model_fn(params, x_t, t, **model_kwargs)``.
+
+    An equal (hashable) module gives the same function object each time, so the samplers'
+    compiled loops, which are keyed on ``model_fn``, compile once per model.
 
     Args:
       module: a Linen module called as ``apply(variables, x, t, y=None, train=False)``
@@ -49,7 +53,18 @@ def make_model_fn(module: nn.Module, *, train: bool) -> Callable[..., jax.Array]
       >>> model_fn = make_model_fn(unet, train=True)  # doctest: +SKIP
       >>> eps = model_fn(params, x_t, t, y=labels, rngs={"dropout": key})  # doctest: +SKIP
     """
+    try:
+        return _cached_model_fn(module, train)
+    except TypeError:  # an unhashable module (e.g. list attributes): a fresh function
+        return _model_fn(module, train)
 
+
+@functools.lru_cache(maxsize=64)
+def _cached_model_fn(module: nn.Module, train: bool) -> Callable[..., jax.Array]:
+    return _model_fn(module, train)
+
+
+def _model_fn(module: nn.Module, train: bool) -> Callable[..., jax.Array]:
     def model_fn(
         params: Any,
         x_t: jax.Array,
@@ -61,6 +76,28 @@ def make_model_fn(module: nn.Module, *, train: bool) -> Callable[..., jax.Array]
         return module.apply({"params": params}, x_t, t, train=train, rngs=rngs, **kwargs)
 
     return model_fn
+
+
+def example_inputs(
+    data_shape: tuple[int, ...], *, conditional: bool, batch: int = 1
+) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+    """Zero inputs ``(x, t, kwargs)`` of the call convention, to initialise a module with
+    ``module.init(key, x, t, **kwargs)`` (or to get its parameter shapes under ``eval_shape``).
+
+    Args:
+      data_shape: ``(H, W, C)`` or ``(D,)``, one example's shape.
+      conditional: add ``kwargs["y"]``, int32 labels ``[batch]``.
+      batch: the leading batch size.
+
+    Example:
+      >>> x, t, kwargs = example_inputs((8, 8, 1), conditional=True)
+      >>> x.shape, t.shape, kwargs["y"].shape
+      ((1, 8, 8, 1), (1,), (1,))
+    """
+    x = jnp.zeros((batch, *data_shape), jnp.float32)
+    t = jnp.zeros((batch,), jnp.int32)
+    kwargs = {"y": jnp.zeros((batch,), jnp.int32)} if conditional else {}
+    return x, t, kwargs
 
 
 def get_model(name: str, **kwargs: Any) -> nn.Module:

@@ -15,7 +15,7 @@ to [-1, 1]. Every convolution is followed by BatchNorm (eps 1e-3, running statis
 
 Parameter names follow the PyTorch module names (``Mixed_5b/branch1x1/conv/kernel``), so
 :func:`convert_torch_weights` maps pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth`` one
-to one. The weights themselves are never downloaded here: see :mod:`diffusion_jax.fid`.
+to one. The weights themselves are never downloaded here: see :mod:`diffusion_jax.evaluation.fid`.
 
 Example:
   >>> model = InceptionV3()

@@ -45,7 +45,7 @@ def _weights_help() -> str:
         "The FID Inception weights are pytorch-fid's, converted once to .npz (nothing is "
         f"downloaded at run time). On a machine with internet, download\n  {TORCH_WEIGHTS_URL}\n"
         "then, with torch installed (pip install -e '.[compare]'), convert it:\n"
-        "  python -m diffusion_jax.evaluate convert-inception "
+        "  python -m diffusion_jax.evaluation convert-inception "
         "--pth pt_inception-2015-12-05-6726825d.pth --out fid_inception.npz\n"
         f"and pass --inception_weights fid_inception.npz or set {WEIGHTS_ENV}."
     )

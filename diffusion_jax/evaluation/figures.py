@@ -7,10 +7,16 @@ from __future__ import annotations
 
 import os
 
+import jax
 import numpy as np
 
+from diffusion_jax import samplers
 from diffusion_jax.data import toy
-from diffusion_jax.plots import _pyplot, _save, image_grid, plot_points
+from diffusion_jax.evaluation.runs import restore_run
+from diffusion_jax.evaluation.sampling import generate_from_run
+from diffusion_jax.plots import image_grid, plot_points, pyplot, save_figure
+from diffusion_jax.train import metrics, sharding
+from diffusion_jax.train.generate import to_uint8
 
 __all__ = ["plot_loss", "plot_samples", "plot_trajectory"]
 
@@ -61,14 +67,10 @@ def plot_trajectory(
     Returns:
       ``out``.
     """
-    import jax
-
-    from diffusion_jax import runs, samplers, sampling_lib, sharding
-
     if frames < 1:
         raise ValueError(f"frames must be >= 1, got {frames}.")
     # A handful of examples: one device, no resharding of the whole loop.
-    run = runs.restore_run(
+    run = restore_run(
         workdir,
         which=which,
         checkpoint_step=checkpoint_step,
@@ -105,7 +107,6 @@ def plot_trajectory(
     if not is_image:
         return _plot_point_trajectory(xs, pred_x0s, samples, timesteps, run, out, title)
 
-    to_uint8 = sampling_lib.to_uint8
     tiles_x = _upscale(to_uint8(xs), 32)  # [K, N, h, w, C]
     tiles_p = _upscale(to_uint8(pred_x0s), 32)
     tiles_s = _upscale(to_uint8(samples), 32)  # [N, h, w, C]
@@ -125,7 +126,7 @@ def plot_trajectory(
         left = count * (group + group_gap)
         mosaic[top : top + height, left : left + width] = tiles_s[row]
 
-    plt = _pyplot()
+    plt = pyplot()
     fig_width = max(6.0, total_width / 80 + 1.0)
     fig, ax = plt.subplots(figsize=(fig_width, mosaic.shape[0] / 80 + 1.6))
     ax.imshow(
@@ -152,12 +153,12 @@ def plot_trajectory(
     top_axis.spines["top"].set_visible(False)
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def _plot_point_trajectory(xs, pred_x0s, samples, timesteps, run, out, title) -> str:
     """Two rows of scatter plots (x_t, predicted x0) over time for 2-D data."""
-    plt = _pyplot()
+    plt = pyplot()
     reference = toy.reference_points(run.config.data.name)
     count = xs.shape[0]
     fig, axes = plt.subplots(
@@ -181,7 +182,7 @@ def _plot_point_trajectory(xs, pred_x0s, samples, timesteps, run, out, title) ->
             ax.set_title(label, fontsize=9)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def _finite_series(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -215,13 +216,11 @@ def plot_loss(workdir: str, out: str) -> str:
     Raises:
       FileNotFoundError: no training losses in ``metrics.jsonl``.
     """
-    from diffusion_jax import metrics
-
     records = metrics.read_metrics(workdir)
     steps, loss = _finite_series(records, "loss")
     if not len(steps):
         raise FileNotFoundError(f"No training losses in {os.path.join(workdir, 'metrics.jsonl')}.")
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax, ax_lr) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [2, 1]})
     ax.plot(steps, loss, lw=0.8, alpha=0.5, c="tab:blue", label="loss (logged step)")
     mean_steps, mean_loss = _finite_series(records, "loss_mean")
@@ -241,7 +240,7 @@ def plot_loss(workdir: str, out: str) -> str:
     ax_lr.grid(alpha=0.3)
     fig.suptitle(f"{os.path.basename(os.path.abspath(workdir))}: {len(records)} records")
     fig.tight_layout()
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def plot_samples(
@@ -272,14 +271,12 @@ def plot_samples(
     Returns:
       ``out``.
     """
-    from diffusion_jax import runs, sampling_lib
-
-    run = runs.restore_run(workdir, which=which, checkpoint_step=checkpoint_step)
+    run = restore_run(workdir, which=which, checkpoint_step=checkpoint_step)
     is_image = run.info.kind == "image"
     num = (64 if is_image else 1000) if num is None else num
     if num < 1:
         raise ValueError(f"num must be >= 1, got {num}.")
-    samples = sampling_lib.generate_from_run(
+    samples = generate_from_run(
         run,
         num=num,
         batch_size=min(num, 256),
@@ -296,8 +293,8 @@ def plot_samples(
     if not is_image:
         return plot_points(samples, out, toy.reference_points(run.config.data.name), title=title)
     # Grey gaps: tiles stay apart whether their backgrounds are black or white.
-    grid = image_grid(_upscale(sampling_lib.to_uint8(samples), 32), pad=3, fill=128)
-    plt = _pyplot()
+    grid = image_grid(_upscale(to_uint8(samples), 32), pad=3, fill=128)
+    plt = pyplot()
     width = max(5.0, grid.shape[1] / 80)
     fig, ax = plt.subplots(figsize=(width, width * grid.shape[0] / grid.shape[1] + 0.6))
     ax.imshow(
@@ -307,4 +304,4 @@ def plot_samples(
     ax.set_axis_off()
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    return _save(fig, out)
+    return save_figure(fig, out)

@@ -2,7 +2,7 @@
 
 The bound of Ho et al. (2020) with all T terms, reported the way the DDPM and improved-DDPM
 papers do: the decoder L_0, the sum of the KL terms L_1..L_{T-1}, the prior L_T and their total.
-``python -m diffusion_jax.evaluate nll`` is its command line; see :func:`nll_from_workdir`.
+``python -m diffusion_jax.evaluation nll`` is its command line; see :func:`nll_from_workdir`.
 
 Images are 8-bit: ``x0 = uint8 / 127.5 - 1`` on the grid of 256 levels, so the numbers compare
 with published ones for CIFAR-10 or ImageNet. The embedded ``digits`` hold 17 levels upscaled to
@@ -19,11 +19,17 @@ import os
 import re
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
-from diffusion_jax.runs import Run, restore_run
+from diffusion_jax import _runtime, data, losses
+from diffusion_jax.data import resize_and_center_crop
+from diffusion_jax.evaluation.runs import restore_run
+from diffusion_jax.train import sharding
 
-__all__ = ["Run", "format_nll", "nll_from_workdir", "nll_of_source", "restore_run"]
+__all__ = ["format_nll", "nll_from_workdir", "nll_of_source"]
 
 
 # ----------------------------------------------------------------------------- likelihood
@@ -32,10 +38,6 @@ __all__ = ["Run", "format_nll", "nll_from_workdir", "nll_of_source", "restore_ru
 @functools.lru_cache(maxsize=8)
 def _batch_nll_fn(model_fn, parameterization, variance, clip_x0, num_bins, conditional):
     """One compiled bound per (model, options); jit then compiles once per batch shape."""
-    import jax
-    import jax.numpy as jnp
-
-    from diffusion_jax import compiler, losses
 
     def one_example(params, schedule, key, image, label, index):
         x0 = image.astype(jnp.float32)[None] / 127.5 - 1.0
@@ -55,7 +57,7 @@ def _batch_nll_fn(model_fn, parameterization, variance, clip_x0, num_bins, condi
         )
         return terms.prior_bpd[0], terms.terms_bpd[0]
 
-    @compiler.jit
+    @_runtime.jit
     def batch_nll(params, schedule, key, images, labels, indices):
         return jax.vmap(one_example, in_axes=(None, None, None, 0, 0, 0))(
             params, schedule, key, images, labels, indices
@@ -119,12 +121,6 @@ def nll_of_source(
       >>> _, source = data.open_split("digits", split="test")  # doctest: +SKIP
       >>> nll_of_source(model_fn, params, schedule, source, num=256)["total_bpd"]  # doctest: +SKIP
     """
-    import jax
-    from tqdm.auto import tqdm
-
-    from diffusion_jax import sharding
-    from diffusion_jax.data import resize_and_center_crop
-
     total = len(source)
     num = total if num is None else num
     if not 1 <= num <= total:
@@ -246,10 +242,6 @@ def nll_from_workdir(
       >>> result = nll_from_workdir("workdirs/digits", split="test", num=1000)  # doctest: +SKIP
       >>> print(format_nll(result))  # L_0, L_1..L_{T-1}, L_T, total  # doctest: +SKIP
     """
-    import jax
-
-    from diffusion_jax import data
-
     run = restore_run(workdir, which=which, checkpoint_step=checkpoint_step, data_dir=data_dir)
     config, info = run.config, run.info
     if info.kind != "image":

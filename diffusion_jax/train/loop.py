@@ -1,7 +1,7 @@
 """Data-parallel training: the loop that jits the step, feeds it, logs, checkpoints, resumes.
 
 ``train_and_evaluate(config, workdir)`` is the whole job; ``train.py`` only parses flags. The
-state and the step itself are in :mod:`diffusion_jax.train_step` (re-exported here). Since every
+state and the step itself are in :mod:`diffusion_jax.train.step`. Since every
 draw in the step is over the global batch, the same global batch gives the same loss on 1 device
 or 8.
 """
@@ -17,31 +17,21 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from tqdm.auto import tqdm
 
-from diffusion_jax import checkpoint as checkpoint_lib
-from diffusion_jax import compiler, configuration, data, sharding
-from diffusion_jax import metrics as metrics_lib
-from diffusion_jax.train_step import (
-    HISTORY,
+from diffusion_jax import _runtime, data
+from diffusion_jax.train import checkpoint as checkpoint_lib
+from diffusion_jax.train import config as config_lib
+from diffusion_jax.train import generate, sharding
+from diffusion_jax.train import metrics as metrics_lib
+from diffusion_jax.train.step import (
     TrainState,
     create_train_state,
     make_eval_step,
     make_train_step,
-    run_keys,
-    to_model_input,
 )
 
-__all__ = [
-    "HISTORY",
-    "NonFiniteError",
-    "TrainState",
-    "create_train_state",
-    "make_eval_step",
-    "make_train_step",
-    "run_keys",
-    "to_model_input",
-    "train_and_evaluate",
-]
+__all__ = ["NonFiniteError", "train_and_evaluate"]
 
 
 class NonFiniteError(RuntimeError):
@@ -89,7 +79,7 @@ def train_and_evaluate(
     """Trains (or resumes training) the model of ``config``, writing everything to ``workdir``.
 
     Args:
-      config: a config as declared in ``configs/default.py``.
+      config: a config as declared in :mod:`diffusion_jax.train.defaults`.
       workdir: the run's directory: ``checkpoints/``, ``metrics.jsonl``, ``tensorboard/``,
         ``samples/`` and ``config.json``. An existing workdir is resumed from its latest good
         checkpoint.
@@ -100,9 +90,7 @@ def train_and_evaluate(
     Returns:
       The final :class:`TrainState`.
     """
-    from diffusion_jax import sampling_lib
-
-    configuration.validate_config(config)
+    config_lib.validate_config(config)
     workdir = os.path.abspath(workdir)
     is_chief = jax.process_index() == 0
     mesh = sharding.make_mesh(devices)
@@ -117,9 +105,9 @@ def train_and_evaluate(
             f"({config.optim.accumulate_steps})."
         )
 
-    schedule = configuration.build_schedule(config)
-    model = configuration.build_model(config, data_shape, info.num_classes)
-    tx, learning_rate = configuration.build_optimizer(config)
+    schedule = config_lib.build_schedule(config)
+    model = config_lib.build_model(config, data_shape, info.num_classes)
+    tx, learning_rate = config_lib.build_optimizer(config)
     init, abstract_state, state_shardings = create_train_state(config, model, tx, data_shape, mesh)
     ckpt = checkpoint_lib.CheckpointManager(
         os.path.join(workdir, "checkpoints"), max_to_keep=t.keep_checkpoints
@@ -141,12 +129,12 @@ def train_and_evaluate(
         **iterator_kwargs,
     )
 
-    config_dict = configuration.config_to_dict(config)
+    config_dict = config_lib.config_to_dict(config)
     latest = ckpt.latest_step()
     if latest is not None:
         saved = ckpt.read_config()
         if saved is not None and not allow_config_change:
-            old, new = configuration.identity_dict(saved), configuration.identity_dict(config_dict)
+            old, new = config_lib.identity_dict(saved), config_lib.identity_dict(config_dict)
             changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             if changed:
                 raise ValueError(
@@ -167,7 +155,7 @@ def train_and_evaluate(
         state = init()
         if t.init_from:
             params = checkpoint_lib.restore_params(
-                _resolve_ckpt_dir(t.init_from), abstract_state.params, which="params"
+                _resolve_ckpt_dir(t.init_from), abstract_state.params, which="raw"
             )
             state = state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params))
             logging.info("Initialised params from %s.", t.init_from)
@@ -178,15 +166,15 @@ def train_and_evaluate(
 
     batch_sharding = sharding.data_sharding(mesh)
     replicated = sharding.replicated(mesh)
-    library_fusions = configuration.cpu_library_fusions(config)
-    train_step = compiler.jit(
+    library_fusions = config_lib.cpu_library_fusions(config)
+    train_step = _runtime.jit(
         make_train_step(config, model, schedule, tx, learning_rate, info.num_classes),
         library_fusions=library_fusions,
         in_shardings=(state_shardings, batch_sharding),
         out_shardings=(state_shardings, replicated),
         donate_argnums=0,
     )
-    eval_step = compiler.jit(
+    eval_step = _runtime.jit(
         make_eval_step(config, model, schedule), library_fusions=library_fusions
     )
     writer = metrics_lib.MetricsWriter(workdir, enabled=is_chief)
@@ -219,7 +207,7 @@ def train_and_evaluate(
 
     def write_samples(step: int) -> None:
         if t.num_samples:
-            sampling_lib.write_training_samples(
+            generate.write_training_samples(
                 config, model, schedule, state.ema_params, info, data_shape, workdir, step, mesh
             )
 
@@ -295,6 +283,4 @@ def _check_nonfinite(out: dict[str, jax.Array], limit: int, step: int) -> None:
 
 
 def _progress(total: int, initial: int, enabled: bool):
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)

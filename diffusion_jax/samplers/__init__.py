@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import compiler, diffusion
+from diffusion_jax import _runtime, diffusion, options
 from diffusion_jax.diffusion import ClipX0
 from diffusion_jax.schedules import Schedule
 from diffusion_jax.timesteps import (
@@ -50,7 +50,7 @@ __all__ = [
     "timesteps_for",
 ]
 
-METHODS = ("ddpm", "ddim", "dpm_solver++")
+METHODS = options.SAMPLER_METHODS
 # DPM-Solver++(2M) takes a first-order step where h_k > h_{k-1} / MIN_STEP_RATIO (the
 # multistep correction weight 1/(2r) would exceed 1.5). On Gaussian data with the exact
 # denoiser it cuts the error against the exact ODE solution 2-30x at 10-20 linspace steps
@@ -137,19 +137,9 @@ def _plan(schedule: Schedule, method: str, timesteps: np.ndarray) -> tuple[Sched
     return schedule, tables
 
 
-def _predict_x0(
-    schedule: Schedule, out: jax.Array, x_t: jax.Array, t: jax.Array, parameterization: str
-) -> jax.Array:
-    if parameterization == "eps":
-        return diffusion.predict_x0_from_eps(schedule, x_t, t, out)
-    if parameterization == "v":
-        return diffusion.predict_x0_from_v(schedule, x_t, t, out)
-    return out
-
-
 # x_T is drawn by its own small program, compiled once per shape: deterministic loops then
 # hold no PRNG code, which XLA:CPU takes about a second to compile.
-_initial_noise = compiler.jit(
+_initial_noise = _runtime.jit(
     lambda key, first_index, shape: step_noise(key, 0, shape, first_index), static_argnums=2
 )
 
@@ -166,7 +156,7 @@ _STATIC = (
 )
 
 
-@compiler.jit(static_argnames=_STATIC)
+@_runtime.jit(static_argnames=_STATIC)
 def _sample_loop(
     params: Any,
     x_T: jax.Array,
@@ -236,7 +226,7 @@ def _sample_loop(
         else:
             mean_out, _ = diffusion.split_model_output(out, x, variance)
             pred_x0 = diffusion.clip_pred_x0(
-                _predict_x0(step_schedule, mean_out, x, t, parameterization), clip_x0
+                diffusion.predict_x0(step_schedule, mean_out, x, t, parameterization), clip_x0
             )
             if method == "ddim":
                 x_next = diffusion.ddim_step(
@@ -363,15 +353,9 @@ def sample(
       ...                 method="ddim", num_steps=50, model_kwargs={"y": labels},
       ...                 guidance_scale=3.0, uncond_kwargs={"y": jnp.full(16, 10)})
     """
-    if method not in METHODS:
-        raise ValueError(f"Unknown method {method!r}; expected one of {METHODS}.")
-    if parameterization not in diffusion.PARAMETERIZATIONS:
-        raise ValueError(
-            f"Unknown parameterization {parameterization!r}; expected one of "
-            f"{diffusion.PARAMETERIZATIONS}."
-        )
-    if variance not in diffusion.VARIANCES:
-        raise ValueError(f"Unknown variance {variance!r}; expected one of {diffusion.VARIANCES}.")
+    options.check("method", method)
+    options.check("parameterization", parameterization)
+    options.check("variance", variance)
     if not isinstance(schedule, Schedule):
         raise ValueError(f"schedule must be a Schedule, got {type(schedule).__name__}.")
     shape = tuple(shape)

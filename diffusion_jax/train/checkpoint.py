@@ -47,9 +47,22 @@ from typing import Any, NamedTuple, TypeVar
 import jax
 import orbax.checkpoint as ocp
 
-from diffusion_jax.checkpoint_codec import decode_json, encode_json, leaf_digests, verify_digests
+from diffusion_jax import options
+from diffusion_jax.train.checkpoint_codec import (
+    decode_json,
+    encode_json,
+    leaf_digests,
+    verify_digests,
+)
 
-__all__ = ["CheckpointError", "CheckpointManager", "Restored", "restore_params"]
+__all__ = [
+    "PARAMS_KEYS",
+    "CheckpointError",
+    "CheckpointManager",
+    "Restored",
+    "restore_params",
+    "restore_params_with_config",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +78,14 @@ class CheckpointError(RuntimeError):
 
 class _CallerError(Exception):
     """A restore that fails because of the request, not the checkpoint: never falls back."""
+
+
+class _CallerFailure(_CallerError):
+    """An error of the caller's own code run during a restore: re-raised as it is."""
+
+    def __init__(self, error: Exception):
+        super().__init__(str(error))
+        self.error = error
 
 
 class _MissingSubtree(_CallerError, KeyError):
@@ -348,63 +369,105 @@ class CheckpointManager:
         self.close()
 
 
+# The trainer's state keys of the two parameter sets a reader may ask for.
+PARAMS_KEYS: dict[str, str] = {"ema": "ema_params", "raw": "params"}
+
+
 def restore_params(
     directory: str,
     abstract_params: Any | None,
     *,
-    which: str = "ema_params",
+    which: options.ParamsChoice = "ema",
     step: int | None = None,
 ) -> Any:
-    """Restores one subtree of a saved state (e.g. the EMA params) and nothing else.
+    """Restores one parameter set of a saved state (the EMA or the raw params) and nothing else.
 
-    The rest of the state (optimiser moments, other params) is neither read nor allocated, so
-    sampling and fine-tuning need no random initialisation first.
+    The rest of the state (optimiser moments, the other params) is neither read nor allocated,
+    so sampling and fine-tuning need no random initialisation first.
 
     Args:
       directory: a :class:`CheckpointManager` directory.
-      abstract_params: pytree of ``jax.ShapeDtypeStruct`` with shardings for the subtree, or
-        None to restore it with the saved shapes and dtypes onto this process's first device.
-      which: the top-level key of the saved state to restore (``"ema_params"``, ``"params"``).
-      step: the checkpoint's step; None for the newest good one (falling back past corrupt
+      abstract_params: pytree of ``jax.ShapeDtypeStruct`` with shardings for the params, or
+        None to restore them with the saved shapes and dtypes onto this process's first device.
+      which: ``"ema"`` or ``"raw"``.
+      step: the checkpoint's step; None for the newest good one (falling back past unreadable
         ones with a warning, as :meth:`CheckpointManager.restore` does; nothing is moved).
 
     Returns:
-      The subtree: a pytree of ``jax.Array``.
+      The params: a pytree of ``jax.Array``.
 
     Raises:
       CheckpointError: no checkpoint in ``directory``, or none readable.
-      KeyError: the saved state has no top-level entry ``which``.
+      ValueError: an unknown ``which``, or a ``step`` that is not in ``directory``.
+      KeyError: the saved state has no such parameter set.
     """
+    return restore_params_with_config(directory, lambda _: abstract_params, which=which, step=step)[
+        1
+    ]
+
+
+def restore_params_with_config(
+    directory: str,
+    abstract_for: Callable[[dict | None], Any | None],
+    *,
+    which: options.ParamsChoice = "ema",
+    step: int | None = None,
+) -> tuple[int, Any]:
+    """Like :func:`restore_params`, with the target built from the same checkpoint's config.
+
+    ``abstract_for(config_dict)`` gets the config saved with a step and returns the abstract
+    params to restore onto (or None, as in :func:`restore_params`). A step whose config or params
+    cannot be read is skipped as one unit, so a reader never pairs one step's config with
+    another's params.
+
+    Returns:
+      ``(step, params)``.
+    """
+    options.check("params", which)
+    key = PARAMS_KEYS[which]
     # orbax needs absolute paths; a relative one fails only when the arrays are read.
     directory = os.path.abspath(os.fspath(directory))
     manager = _open_reader(directory)
     try:
+        available = sorted(manager.all_steps(), reverse=True)
+        if step is not None and available and int(step) not in available:
+            raise ValueError(
+                f"No checkpoint at step {step} in {directory}; available: {sorted(available)}."
+            )
 
         def read(s: int) -> Any:
+            items = manager.restore(s, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+            try:
+                target = abstract_for(_unwrap(items[_CONFIG]))
+            except Exception as error:  # the caller's, not the checkpoint's: no fallback
+                raise _CallerFailure(error) from error
             tree = manager.item_metadata(s)[_STATE].tree
-            if not isinstance(tree, Mapping) or which not in tree:
+            if not isinstance(tree, Mapping) or key not in tree:
                 raise _MissingSubtree(
-                    f"The state saved in {os.path.join(directory, str(s))} has no entry {which!r}; "
+                    f"The state saved in {os.path.join(directory, str(s))} has no entry {key!r}; "
                     f"it has {sorted(tree) if isinstance(tree, Mapping) else type(tree)}."
                 )
-            target = abstract_params
             if target is None:
                 device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
                 target = jax.tree.map(
-                    lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree[which]
+                    lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree[key]
                 )
-            item = {which: target}
+            item = {key: target}
             args = ocp.args.PyTreeRestore(
                 item,
                 restore_args=ocp.checkpoint_utils.construct_restore_args(item),
                 partial_restore=True,
             )
             saved = _saved_digests(manager, s)
-            params = manager.restore(s, args=ocp.args.Composite(**{_STATE: args}))[_STATE][which]
-            verify_digests({which: params}, saved)
+            params = manager.restore(s, args=ocp.args.Composite(**{_STATE: args}))[_STATE][key]
+            verify_digests({key: params}, saved)
             return params
 
-        steps = [int(step)] if step is not None else sorted(manager.all_steps(), reverse=True)
-        return _first_good(directory, steps, read, fall_back=step is None)[1]
+        steps = [int(step)] if step is not None else available
+        try:
+            found, params, _ = _first_good(directory, steps, read, fall_back=step is None)
+        except _CallerFailure as failure:
+            raise failure.error from None
+        return found, params
     finally:
         manager.close()

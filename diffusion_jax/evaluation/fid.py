@@ -11,35 +11,33 @@ The Inception weights are never downloaded at run time. Once, on a machine with 
 fetch pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth`` (:data:`TORCH_WEIGHTS_URL`) and
 convert it (needs torch)::
 
-  python -m diffusion_jax.evaluate convert-inception --pth pt_inception-2015-12-05-6726825d.pth \\
+  python -m diffusion_jax.evaluation convert-inception --pth pt_inception-2015-12-05-6726825d.pth \\
       --out fid_inception.npz
   export DIFFUSION_JAX_INCEPTION_WEIGHTS=$PWD/fid_inception.npz   # or --inception_weights
 
 then::
 
-  python -m diffusion_jax.evaluate ref-stats --dataset cifar10 --split train --out cifar10.npz
-  python -m diffusion_jax.evaluate fid --workdir W --ref cifar10.npz --num 50000 --steps 100
+  python -m diffusion_jax.evaluation ref-stats --dataset cifar10 --split train --out cifar10.npz
+  python -m diffusion_jax.evaluation fid --workdir W --ref cifar10.npz --num 50000 --steps 100
 
-(``python -m diffusion_jax.fid`` takes the same three commands; the weights file itself is
-handled by :mod:`diffusion_jax.inception_weights`.)
+(the weights file itself is handled by :mod:`diffusion_jax.evaluation.inception_weights`.)
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 import time
-from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
-from diffusion_jax import compiler, sharding
-from diffusion_jax.inception_weights import (
+from diffusion_jax import _runtime, data
+from diffusion_jax.evaluation import sampling
+from diffusion_jax.evaluation.inception_weights import (
     TORCH_WEIGHTS_URL,
     WEIGHTS_ENV,
     convert_torch_file,
@@ -47,13 +45,15 @@ from diffusion_jax.inception_weights import (
     resolve_inception_weights,
     save_inception_variables,
 )
+from diffusion_jax.evaluation.runs import restore_run
 from diffusion_jax.models import inception
+from diffusion_jax.train import sharding
+from diffusion_jax.train.generate import to_uint8
 
 __all__ = [
     "TORCH_WEIGHTS_URL",
     "WEIGHTS_ENV",
     "FeatureExtractor",
-    "add_subcommands",
     "compute_statistics",
     "convert_torch_file",
     "fid_from_workdir",
@@ -61,7 +61,6 @@ __all__ = [
     "inception_score",
     "load_inception_variables",
     "load_statistics",
-    "main",
     "ref_stats",
     "resolve_inception_weights",
     "save_inception_variables",
@@ -77,7 +76,7 @@ def to_unit_rgb(images: jax.Array) -> jax.Array:
     return jnp.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x
 
 
-@compiler.jit
+@_runtime.jit
 def _features(variables: Any, images: jax.Array) -> tuple[jax.Array, jax.Array]:
     out = inception.InceptionV3().apply(variables, to_unit_rgb(images))
     return out["pool"], out["logits_unbiased"]
@@ -236,7 +235,7 @@ def load_statistics(path: str) -> tuple[np.ndarray, np.ndarray]:
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"Reference statistics {path!r} not found: make them with "
-            "`python -m diffusion_jax.evaluate ref-stats --dataset NAME --out FILE`."
+            "`python -m diffusion_jax.evaluation ref-stats --dataset NAME --out FILE`."
         )
     with np.load(path, allow_pickle=False) as npz:
         mu, sigma = npz["mu"].astype(np.float64), npz["sigma"].astype(np.float64)
@@ -285,10 +284,6 @@ def ref_stats(
       ``{"out", "num", "inception_score", "inception_score_std"}`` (the data's own IS, in
       10 splits, or one per 100 images below 1000).
     """
-    from tqdm.auto import tqdm
-
-    from diffusion_jax import data
-
     variables = load_inception_variables(inception_weights)
     info, source = data.open_split(dataset, split=split, data_dir=data_dir)
     if info.kind != "image":
@@ -371,20 +366,18 @@ def fid_from_workdir(
     Returns:
       ``{"fid", "inception_score", "inception_score_std", "num", "step", ...settings, "json"}``.
     """
-    from diffusion_jax import runs, sampling_lib
-
     if params not in ("ema", "raw"):
         raise ValueError(f"--params must be 'ema' or 'raw', got {params!r}.")
-    sampling_lib.check_method(method)
+    sampling.check_method(method)
     if num < 2:
         raise ValueError(f"--num must be >= 2 for a covariance, got {num}.")
     # Fail on missing inputs before sampling for hours.
     ref_mu, ref_sigma = load_statistics(ref_stats_path)
     variables = load_inception_variables(inception_weights)
 
-    run = runs.restore_run(workdir, which=params, checkpoint_step=checkpoint_step)
+    run = restore_run(workdir, which=params, checkpoint_step=checkpoint_step)
     config, info = run.config, run.info
-    steps = sampling_lib.resolve_steps(run, steps)
+    steps = sampling.resolve_steps(run, steps)
     if info.kind != "image":
         raise ValueError(f"FID needs an image model; {config.data.name!r} is {info.kind} data.")
     conditional = bool(config.model.class_conditional)
@@ -392,7 +385,7 @@ def fid_from_workdir(
     if guidance is not None and labels is None:
         raise ValueError("--guidance needs a class-conditional model.")
     start = time.time()
-    samples = sampling_lib.generate_from_run(
+    samples = sampling.generate_from_run(
         run,
         num=num,
         batch_size=batch_size,
@@ -406,7 +399,7 @@ def fid_from_workdir(
     )
     sampling_seconds = time.time() - start
     pool, logits = FeatureExtractor(variables, batch_size=inception_batch_size, mesh=run.mesh)(
-        sampling_lib.to_uint8(samples)
+        to_uint8(samples)
     )
     score, score_std = inception_score(logits, _num_splits(num))
     result = {
@@ -431,130 +424,3 @@ def fid_from_workdir(
         with open(result["json"], "w") as file:
             json.dump(result, file, indent=2)
     return result
-
-
-def _add_weights_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--inception_weights",
-        default=None,
-        help=f"converted FID Inception weights (.npz); default ${WEIGHTS_ENV}",
-    )
-
-
-def _run(job) -> int:
-    try:
-        job()
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def _ref_stats_command(args: argparse.Namespace) -> int:
-    def job():
-        report = ref_stats(
-            args.dataset,
-            args.split,
-            args.out,
-            args.inception_weights,
-            args.data_dir,
-            args.num,
-            image_size=args.image_size,
-            batch_size=args.batch_size,
-        )
-        print(json.dumps(report))
-        print(
-            f"wrote {report['out']}: statistics of {report['num']} images of "
-            f"{args.dataset}:{args.split} (their IS {report['inception_score']:.2f})"
-        )
-
-    return _run(job)
-
-
-def _fid_command(args: argparse.Namespace) -> int:
-    def job():
-        result = fid_from_workdir(
-            args.workdir,
-            args.ref,
-            num=args.num,
-            batch_size=args.batch_size,
-            method=args.method,
-            steps=args.steps,
-            eta=args.eta,
-            seed=args.seed,
-            params=args.params,
-            checkpoint_step=args.checkpoint_step,
-            guidance=args.guidance,
-            inception_weights=args.inception_weights,
-            inception_batch_size=args.inception_batch_size,
-        )
-        print(json.dumps(result))
-        print(
-            f"FID {result['fid']:.3f}  IS {result['inception_score']:.3f} "
-            f"+- {result['inception_score_std']:.3f}  ({result['num']} samples, "
-            f"{args.params} params, {args.method} {result['steps']} steps)"
-        )
-
-    return _run(job)
-
-
-def _convert_command(args: argparse.Namespace) -> int:
-    return _run(lambda: print(f"wrote {convert_torch_file(args.pth, args.out)}"))
-
-
-def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
-    """Registers ``ref-stats``, ``fid`` and ``convert-inception`` on an argparse subparser set.
-
-    Each parser's ``func`` default is its handler, ``func(args) -> exit code``::
-
-      sub = parser.add_subparsers(dest="command", required=True)
-      fid.add_subcommands(sub)
-      args = parser.parse_args(argv)
-      return args.func(args)
-    """
-    ref = subparsers.add_parser("ref-stats", help="FID reference statistics of a dataset split")
-    ref.add_argument("--dataset", required=True, help="dataset name, e.g. cifar10")
-    ref.add_argument("--split", default="train")
-    ref.add_argument("--out", required=True, help="statistics .npz to write")
-    ref.add_argument("--data_dir", default=None, help="TFDS data directory")
-    ref.add_argument("--num", type=int, default=None, help="first N examples (default: all)")
-    ref.add_argument("--image_size", type=int, default=None, help="resize + centre-crop first")
-    ref.add_argument("--batch_size", type=int, default=200, help="images per Inception call")
-    _add_weights_flag(ref)
-    ref.set_defaults(func=_ref_stats_command)
-
-    fid = subparsers.add_parser("fid", help="sample a checkpoint and report FID and IS")
-    fid.add_argument("--workdir", required=True, help="training workdir with checkpoints/")
-    fid.add_argument("--ref", required=True, help="reference statistics .npz (ref-stats)")
-    fid.add_argument("--num", type=int, default=50_000, help="number of samples")
-    fid.add_argument("--batch_size", type=int, default=None, help="samples per sampler call")
-    fid.add_argument("--method", default="ddim", help="ddpm | ddim | dpm_solver++")
-    fid.add_argument("--steps", type=int, default=50, help="sampler steps")
-    fid.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity")
-    fid.add_argument("--seed", type=int, default=0)
-    fid.add_argument("--params", choices=("ema", "raw"), default="ema")
-    fid.add_argument("--checkpoint_step", type=int, default=None)
-    fid.add_argument("--guidance", type=float, default=None, help="classifier-free guidance")
-    fid.add_argument("--inception_batch_size", type=int, default=200)
-    _add_weights_flag(fid)
-    fid.set_defaults(func=_fid_command)
-
-    convert = subparsers.add_parser(
-        "convert-inception", help="convert pytorch-fid's Inception .pth to our .npz (needs torch)"
-    )
-    convert.add_argument("--pth", required=True, help="pt_inception-2015-12-05-6726825d.pth")
-    convert.add_argument("--out", required=True, help=".npz to write")
-    convert.set_defaults(func=_convert_command)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m diffusion_jax.fid {ref-stats,fid,convert-inception} ...``."""
-    parser = argparse.ArgumentParser(prog="python -m diffusion_jax.fid", description=__doc__)
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    add_subcommands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,40 +1,42 @@
-"""Per-executable XLA options for the library's own compiled functions.
+"""Process and compiler settings (private): the XLA:CPU options of the library's jits, and the
+host-process settings of the command-line tools.
 
-XLA:CPU (jaxlib 0.10) hands convolutions, batched dots and some reductions to YNNPACK
-"library fusions" by default. On most U-Nets here those run slower than XLA's own CPU
-kernels; measured on the 2-core CPU of ``benchmarks/README.md`` (section "XLA:CPU library
-fusions"), with the same losses to float32 rounding, turning them off made:
-
-* the forward pass (all of sampling) 30-40% faster at base width 32 and 64, and no slower at
-  128 (the CIFAR-10 net);
-* the train step 20-25% faster at width 32 and 64, but 20% *slower* at width 128, whose
-  wide convolutions YNNPACK runs better. The trainer therefore keeps them for wide nets
-  (``library_fusions=True`` below; ``configuration.cpu_library_fusions``).
-
-The option is set per compiled function through ``jax.jit(..., compiler_options=...)``, never
-process-wide, so code of the user's that shares the process keeps XLA's defaults. It applies
-only when the default backend is the CPU (GPU and TPU compile exactly as before), and not at
-all when:
-
-* ``XLA_FLAGS`` already names ``xla_cpu_experimental_ynn_fusion_type`` (the user's choice
-  wins), or
-* the environment sets ``DIFFUSION_JAX_XLA_DEFAULTS=1`` (keep every XLA default).
-
-A user's own ``jax.jit`` around the library's functions (say, ``samplers.sample`` inside a
-larger jitted program) decides the options of that program: use :func:`jit` below in place of
-``jax.jit``, or pass ``compiler_options=compiler_options()``.
+* :func:`jit` is ``jax.jit`` with per-executable compiler options. On the CPU it turns off
+  XLA's YNNPACK "library fusions", which run slower than XLA's own CPU kernels on most U-Nets
+  here (``benchmarks/README.md``, "XLA:CPU library fusions"); the trainer keeps them for wide
+  nets (``library_fusions=True``; ``train.config.cpu_library_fusions``). The option is set per
+  compiled function, never process-wide, and only when the default backend is the CPU: GPU and
+  TPU compile exactly as XLA chooses. ``XLA_FLAGS`` naming
+  ``xla_cpu_experimental_ynn_fusion_type``, or ``DIFFUSION_JAX_XLA_DEFAULTS=1``, keeps XLA's
+  defaults. A user's own ``jax.jit`` around library functions decides the options of that
+  program: use ``diffusion_jax.jit`` in its place to compile them the same way.
+* :func:`keep_freed_memory` (``train.py`` and ``sample.py`` only: they own their process) stops
+  glibc from handing freed heap pages back to the kernel after every compiled step
+  (``benchmarks/README.md``, "heap setting").
+* :func:`quiet_library_logs` drops orbax's and TFDS's INFO lines from the CLIs' logs.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import functools
+import logging
 import os
 from collections.abc import Callable
 from typing import Any
 
 import jax
 
-__all__ = ["CPU_COMPILER_OPTIONS", "KEEP_DEFAULTS_ENV", "compiler_options", "jit", "keep_defaults"]
+__all__ = [
+    "CPU_COMPILER_OPTIONS",
+    "KEEP_DEFAULTS_ENV",
+    "compiler_options",
+    "jit",
+    "keep_defaults",
+    "keep_freed_memory",
+    "quiet_library_logs",
+]
 
 # Empty value = no YNNPACK library fusions (the flag is a repeated enum of fusion kinds).
 CPU_COMPILER_OPTIONS: dict[str, str] = {"xla_cpu_experimental_ynn_fusion_type": ""}
@@ -123,7 +125,7 @@ def jit(fun: Callable[..., Any] | None = None, *, library_fusions: bool = False,
     """``jax.jit`` with the library's :func:`compiler_options`; usable as a decorator, with or
     without keyword arguments (``static_argnames``, shardings, ``donate_argnums``, ...).
     ``library_fusions=True`` keeps XLA's defaults (the trainer's choice for wide U-Nets:
-    :func:`diffusion_jax.configuration.cpu_library_fusions`).
+    :func:`diffusion_jax.train.config.cpu_library_fusions`).
 
     Example:
       >>> double = jit(lambda x: 2 * x)
@@ -131,7 +133,60 @@ def jit(fun: Callable[..., Any] | None = None, *, library_fusions: bool = False,
       42
     """
     if "compiler_options" in jit_kwargs:
-        raise TypeError("diffusion_jax.compiler.jit sets compiler_options itself; use jax.jit")
+        raise TypeError("diffusion_jax.jit sets compiler_options itself; use jax.jit")
     if fun is None:
         return functools.partial(jit, library_fusions=library_fusions, **jit_kwargs)
     return _Jit(fun, library_fusions, jit_kwargs)
+
+
+# glibc mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_TOP_PAD = -2
+TRIM_THRESHOLD_BYTES = 2**31 - 1  # free memory kept at the top of the heap (mallopt's max)
+TOP_PAD_BYTES = 256 << 20  # extra memory asked of the kernel each time the heap grows
+_USER_ENV = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_THRESHOLD_")
+
+
+def keep_freed_memory() -> bool:
+    """Raises glibc's heap trim threshold and top pad for this process (``mallopt``).
+
+    Returns:
+      True if applied; False on a C library without ``mallopt`` (macOS, musl), or when the
+      environment already sets glibc's ``MALLOC_*_`` tunables (the user's choice wins), or when
+      ``DIFFUSION_JAX_XLA_DEFAULTS`` asks for every default.
+    """
+    if any(name in os.environ for name in _USER_ENV):
+        return False
+    if keep_defaults():
+        return False
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return bool(
+        mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) and mallopt(_M_TOP_PAD, TOP_PAD_BYTES)
+    )
+
+
+_CHATTY = ("orbax", "tensorflow_datasets", "xla_bridge")
+
+
+class _DropChattyInfo(logging.Filter):
+    """Drops INFO records from libraries that log every save, restore and dataset open."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not any(
+            name in record.pathname for name in _CHATTY
+        )
+
+
+def quiet_library_logs() -> None:
+    """Keeps a CLI's own log lines readable: orbax's and TFDS's INFO lines are dropped."""
+    chatty = _DropChattyInfo()
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(chatty)
+    logging.getLogger("absl").addFilter(chatty)

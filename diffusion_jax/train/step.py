@@ -1,5 +1,5 @@
 """The train state and the functions one step runs: built from a config, jitted by
-:mod:`diffusion_jax.train_lib`, which owns the loop, devices, checkpoints and logs.
+:mod:`diffusion_jax.train.loop`, which owns the loop, devices, checkpoints and logs.
 
 Randomness: the key of optimiser step s is ``fold_in(train_key, s)`` (see :func:`run_keys`);
 every draw inside the step (timesteps, noise, dropout, label dropout) is over the global batch,
@@ -17,8 +17,10 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from diffusion_jax import configuration, losses, sharding
-from diffusion_jax.models import make_model_fn
+from diffusion_jax import losses
+from diffusion_jax.models import example_inputs, make_model_fn
+from diffusion_jax.train import config as config_lib
+from diffusion_jax.train import sharding
 
 __all__ = [
     "HISTORY",
@@ -116,9 +118,7 @@ def create_train_state(
     conditional = bool(config.model.class_conditional)
 
     def init_fn() -> TrainState:
-        x = jnp.zeros((1, *data_shape), jnp.float32)
-        t = jnp.zeros((1,), jnp.int32)
-        kwargs = {"y": jnp.zeros((1,), jnp.int32)} if conditional else {}
+        x, t, kwargs = example_inputs(data_shape, conditional=conditional)
         params = model.init({"params": run_keys(config.seed)[0]}, x, t, **kwargs)["params"]
         return TrainState(
             step=jnp.zeros((), jnp.int32),
@@ -230,7 +230,7 @@ def make_train_step(
             }
 
         finite = optax.tree_utils.tree_get(opt_state, "last_finite")
-        decay = configuration.ema_decay(config, state.step)
+        decay = config_lib.ema_decay(config, state.step)
         new_ema = optax.incremental_update(params, state.ema_params, step_size=1.0 - decay)
         ema = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_ema, state.ema_params)
         new_state = state.replace(

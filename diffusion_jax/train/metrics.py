@@ -6,13 +6,12 @@ Only process 0 writes; other processes get a writer that drops everything.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["MetricsWriter", "quiet_library_logs", "read_metrics", "truncate_metrics"]
+__all__ = ["MetricsWriter", "read_metrics", "truncate_metrics"]
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -22,26 +21,6 @@ def _clean(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)  # JSON has no NaN/inf; keep the fact visible
     return value
-
-
-_CHATTY = ("orbax", "tensorflow_datasets", "xla_bridge")
-
-
-class _DropChattyInfo(logging.Filter):
-    """Drops INFO records from libraries that log every save, restore and dataset open."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING or not any(
-            name in record.pathname for name in _CHATTY
-        )
-
-
-def quiet_library_logs() -> None:
-    """Keeps the run's own log lines readable: orbax's and TFDS's INFO lines are dropped."""
-    chatty = _DropChattyInfo()
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(chatty)
-    logging.getLogger("absl").addFilter(chatty)
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:

@@ -3,7 +3,7 @@
 Orbax alone restores a bit-flipped array silently, so each save records a 32-bit digest per
 leaf (computed on the device with exact integer arithmetic, the same under any sharding) and
 each restore checks it. The data iterator's state and the config are stored as JSON, with bytes
-and tuples encoded so that they come back as they went in. :mod:`diffusion_jax.checkpoint`
+and tuples encoded so that they come back as they went in. :mod:`diffusion_jax.train.checkpoint`
 (the only module that talks to orbax) uses both.
 """
 

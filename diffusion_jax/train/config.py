@@ -1,22 +1,21 @@
 """From a config to the objects it describes: validation, schedule, model and optimiser.
 
-Every field the trainer reads is declared, with its comment, in ``configs/default.py``; a config
-with a key the default does not have, or with an invalid value, fails here before anything
-heavy starts, with an error naming the key.
+Every field the trainer reads is declared, with its comment, in
+:mod:`diffusion_jax.train.defaults`; a config with a key the default does not have, or with an
+invalid value, fails here before anything heavy starts, with an error naming the key.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import pathlib
 from typing import Any
 
 import jax.numpy as jnp
 import ml_collections
 import optax
 
-from diffusion_jax import diffusion, losses, schedules
+from diffusion_jax import models, options, schedules
+from diffusion_jax.train import defaults
 
 __all__ = [
     "RUN_FIELDS",
@@ -51,18 +50,9 @@ RUN_FIELDS = (
 
 
 def default_config() -> ml_collections.ConfigDict:
-    """The default config (``configs/default.py`` of the repository), the reference for every
-    field. Loaded by path, so it works from any working directory."""
-    path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "default.py"
-    if not path.exists():
-        raise FileNotFoundError(
-            f"{path} is missing: diffusion_jax's trainer runs from a checkout of the repository "
-            "(pip install -e .), whose configs/ folder declares every config field."
-        )
-    spec = importlib.util.spec_from_file_location("diffusion_jax_default_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    """The default config (:func:`diffusion_jax.train.defaults.get_config`), the reference for
+    every field."""
+    return defaults.get_config()
 
 
 def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -91,6 +81,11 @@ def _choice(name: str, value: Any, allowed: tuple) -> None:
         raise ValueError(f"config.{name} = {value!r} is not valid; expected one of {allowed}.")
 
 
+def _option(name: str, value: Any, option: str) -> None:
+    """A field holding one of the core's options (:mod:`diffusion_jax.options`)."""
+    _choice(name, value, options.ALLOWED[option])
+
+
 def _positive(name: str, value: Any, *, allow_zero: bool = False) -> None:
     ok = value >= 0 if allow_zero else value > 0
     if isinstance(value, bool) or not isinstance(value, int | float) or not ok:
@@ -109,18 +104,19 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     unknown = sorted(set(given) - set(known))
     if unknown:
         raise ValueError(
-            f"Unknown config keys {unknown}; every field is declared in configs/default.py."
+            f"Unknown config keys {unknown}; every field is declared in "
+            "diffusion_jax/train/defaults.py."
         )
     missing = sorted(set(known) - set(given))
     if missing:
-        raise ValueError(f"Config is missing keys {missing} (see configs/default.py).")
+        raise ValueError(f"Config is missing keys {missing} (see diffusion_jax/train/defaults.py).")
 
     d, m, o, t = config.diffusion, config.model, config.optim, config.train
-    _choice("diffusion.schedule", d.schedule, tuple(schedules.SCHEDULES))
+    _option("diffusion.schedule", d.schedule, "schedule")
     _positive("diffusion.num_timesteps", d.num_timesteps)
-    _choice("diffusion.parameterization", d.parameterization, diffusion.PARAMETERIZATIONS)
-    _choice("diffusion.variance", d.variance, diffusion.VARIANCES)
-    _choice("diffusion.loss_type", d.loss_type, losses.LOSS_TYPES)
+    _option("diffusion.parameterization", d.parameterization, "parameterization")
+    _option("diffusion.variance", d.variance, "variance")
+    _option("diffusion.loss_type", d.loss_type, "loss_type")
     if d.loss_type == "hybrid" and d.variance != "learned_range":
         raise ValueError(
             "config.diffusion.loss_type = 'hybrid' trains the variance: it needs "
@@ -134,7 +130,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             "config.diffusion.p_uncond > 0 drops labels for classifier-free guidance: it needs "
             "config.model.class_conditional = True."
         )
-    _choice("diffusion.timestep_sampler", d.timestep_sampler, ("uniform", "loss_second_moment"))
+    _option("diffusion.timestep_sampler", d.timestep_sampler, "timestep_sampler")
     _choice("model.name", m.name, ("unet", "mlp"))
     if not 0.0 <= m.dropout < 1.0:
         raise ValueError(f"config.model.dropout = {m.dropout} must lie in [0, 1).")
@@ -160,7 +156,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         _positive(f"train.{name}", t[name], allow_zero=True)
     _choice("train.compute_dtype", t.compute_dtype, ("float32", "bfloat16"))
     _choice("train.cpu_library_fusions", t.cpu_library_fusions, ("auto", "on", "off"))
-    _choice("train.sample_method", t.sample_method, ("ddpm", "ddim", "dpm_solver++"))
+    _option("train.sample_method", t.sample_method, "method")
     _positive("train.sample_steps", t.sample_steps)
     if t.sample_steps > d.num_timesteps:
         raise ValueError(
@@ -179,8 +175,6 @@ def build_model(config: ml_collections.ConfigDict, data_shape: tuple, num_classe
 
     The output has C (or D) channels, doubled for a learned variance.
     """
-    from diffusion_jax import models
-
     m = config.model
     channels = data_shape[-1]
     out = 2 * channels if config.diffusion.variance == "learned_range" else channels
@@ -254,15 +248,14 @@ def build_optimizer(
 
 
 # Base width from which XLA:CPU's YNNPACK convolutions beat its own in the train step
-# (benchmarks/README.md, "XLA:CPU library fusions": ch 32 and 64 ran 20-25% faster without them,
-# the ch-128 CIFAR-10 net 20% faster with them).
+# (benchmarks/README.md, "XLA:CPU library fusions").
 WIDE_CHANNELS = 128
 
 
 def cpu_library_fusions(config: ml_collections.ConfigDict) -> bool:
     """Whether the train step keeps XLA:CPU's YNNPACK library fusions (``train.
     cpu_library_fusions``; ``auto``: for U-Nets with ``model.ch >= WIDE_CHANNELS``). Passed to
-    :func:`diffusion_jax.compiler.jit`; no effect on other backends."""
+    :func:`diffusion_jax.jit`; no effect on other backends."""
     choice = config.train.cpu_library_fusions
     if choice == "auto":
         return config.model.get("ch", 0) >= WIDE_CHANNELS

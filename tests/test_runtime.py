@@ -1,11 +1,11 @@
-"""diffusion_jax.compiler: the per-executable XLA:CPU options of the library's jits."""
+"""diffusion_jax._runtime.jit: the per-executable XLA:CPU options of the library's jits."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import compiler
+from diffusion_jax import _runtime
 
 OPTION = "xla_cpu_experimental_ynn_fusion_type"
 
@@ -23,30 +23,30 @@ def _conv_args():
 
 
 def test_options_on_cpu_only(monkeypatch):
-    monkeypatch.delenv(compiler.KEEP_DEFAULTS_ENV, raising=False)
+    monkeypatch.delenv(_runtime.KEEP_DEFAULTS_ENV, raising=False)
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-    assert compiler.compiler_options("cpu") == {OPTION: ""}
-    assert compiler.compiler_options("gpu") is None
-    assert compiler.compiler_options("tpu") is None
-    assert compiler.compiler_options() == {OPTION: ""}  # the test backend is the CPU
+    assert _runtime.compiler_options("cpu") == {OPTION: ""}
+    assert _runtime.compiler_options("gpu") is None
+    assert _runtime.compiler_options("tpu") is None
+    assert _runtime.compiler_options() == {OPTION: ""}  # the test backend is the CPU
 
 
 def test_user_choice_wins(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", f"--{OPTION}=individual_dot")
-    assert compiler.compiler_options("cpu") is None
+    assert _runtime.compiler_options("cpu") is None
     monkeypatch.setenv("XLA_FLAGS", "")
-    monkeypatch.setenv(compiler.KEEP_DEFAULTS_ENV, "1")
-    assert compiler.compiler_options("cpu") is None
-    monkeypatch.setenv(compiler.KEEP_DEFAULTS_ENV, "0")
-    assert compiler.compiler_options("cpu") == {OPTION: ""}
+    monkeypatch.setenv(_runtime.KEEP_DEFAULTS_ENV, "1")
+    assert _runtime.compiler_options("cpu") is None
+    monkeypatch.setenv(_runtime.KEEP_DEFAULTS_ENV, "0")
+    assert _runtime.compiler_options("cpu") == {OPTION: ""}
 
 
 def test_jit_compiles_without_library_fusions(monkeypatch):
-    monkeypatch.delenv(compiler.KEEP_DEFAULTS_ENV, raising=False)
+    monkeypatch.delenv(_runtime.KEEP_DEFAULTS_ENV, raising=False)
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
     grad = jax.grad(_conv_loss, argnums=(0, 1))
     args = _conv_args()
-    ours = compiler.jit(grad)
+    ours = _runtime.jit(grad)
     assert "__ynn_fusion" not in ours.lower(*args).compile().as_text()
     # Same values as XLA's defaults, to float32 rounding of a 144-term contraction.
     expected = jax.jit(grad)(*args)
@@ -57,7 +57,7 @@ def test_jit_compiles_without_library_fusions(monkeypatch):
 def test_jit_is_lazy_and_passes_jit_arguments_through():
     calls = []
 
-    @compiler.jit(static_argnames="power")
+    @_runtime.jit(static_argnames="power")
     def f(x, power):
         calls.append(power)
         return x**power
@@ -73,11 +73,11 @@ def test_jit_is_lazy_and_passes_jit_arguments_through():
 
 def test_jit_refuses_its_own_option():
     with pytest.raises(TypeError, match="compiler_options"):
-        compiler.jit(lambda x: x, compiler_options={})
+        _runtime.jit(lambda x: x, compiler_options={})
 
 
 def test_jit_inside_another_trace_runs_as_a_plain_jit():
-    inner = compiler.jit(lambda x: jnp.sin(x) * 2)
+    inner = _runtime.jit(lambda x: jnp.sin(x) * 2)
     outer = jax.jit(lambda x: inner(x) + 1)  # JAX refuses compiler options on a nested jit
     x = jnp.linspace(0.0, 1.0, 5)
     np.testing.assert_allclose(outer(x), np.sin(np.linspace(0.0, 1.0, 5)) * 2 + 1, rtol=1e-6)
@@ -86,16 +86,16 @@ def test_jit_inside_another_trace_runs_as_a_plain_jit():
 
 
 def test_jit_propagates_other_errors():
-    bad = compiler.jit(lambda x: jnp.reshape(x, (7,)))
+    bad = _runtime.jit(lambda x: jnp.reshape(x, (7,)))
     with pytest.raises(TypeError):
         bad(jnp.zeros(5))
 
 
 def test_library_fusions_keep_xla_defaults(monkeypatch):
-    monkeypatch.delenv(compiler.KEEP_DEFAULTS_ENV, raising=False)
+    monkeypatch.delenv(_runtime.KEEP_DEFAULTS_ENV, raising=False)
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-    assert compiler.compiler_options("cpu", library_fusions=True) is None
-    wide = compiler.jit(jax.grad(_conv_loss, argnums=(0, 1)), library_fusions=True)
+    assert _runtime.compiler_options("cpu", library_fusions=True) is None
+    wide = _runtime.jit(jax.grad(_conv_loss, argnums=(0, 1)), library_fusions=True)
     assert wide._library_fusions
     assert wide.lower(*_conv_args()).compile().as_text() == (
         jax.jit(jax.grad(_conv_loss, argnums=(0, 1))).lower(*_conv_args()).compile().as_text()
@@ -113,19 +113,19 @@ def test_library_fusions_keep_xla_defaults(monkeypatch):
     ],
 )
 def test_trainer_choice_of_library_fusions(choice, ch, expected):
-    from diffusion_jax import configuration
+    from diffusion_jax.train import config as config_lib
 
-    config = configuration.default_config()
+    config = config_lib.default_config()
     config.model.ch = ch
     config.train.cpu_library_fusions = choice
-    configuration.validate_config(config)
-    assert configuration.cpu_library_fusions(config) is expected
+    config_lib.validate_config(config)
+    assert config_lib.cpu_library_fusions(config) is expected
 
 
 def test_trainer_choice_is_validated():
-    from diffusion_jax import configuration
+    from diffusion_jax.train import config as config_lib
 
-    config = configuration.default_config()
+    config = config_lib.default_config()
     config.train.cpu_library_fusions = "yes"
     with pytest.raises(ValueError, match="cpu_library_fusions"):
-        configuration.validate_config(config)
+        config_lib.validate_config(config)

@@ -1,42 +1,36 @@
-"""The pictures people look at, one function per figure, written as PNG with matplotlib.
+"""Pictures of arrays and of the core, one function per figure, written as PNG with matplotlib.
 
-Command line: ``python -m diffusion_jax.plots NAME --out FILE.png`` with NAME one of
-
-- ``schedules``: beta_t, alphas_cumprod and log-SNR of every schedule;
-- ``noising [--dataset digits]``: one dataset image noised at several t under each schedule
-  (``--dataset synthetic`` draws a built-in test picture instead);
-- ``trajectory --workdir DIR [--method ddim --steps 50 --num 8]``: a checkpoint's reverse
-  process from noise to sample, the predicted x0 beside each x_t (2-D data: scatter plots);
-- ``loss --workdir DIR``: the training curves of ``metrics.jsonl``;
-- ``samples --workdir DIR [--num 64]``: a sample grid (2-D data: samples over the data).
-
-The last three, which read a training run, are in :mod:`diffusion_jax.run_plots`.
+The schedules, the forward noising of an image, image grids and 2-D scatter plots. They read
+no training run (the figures of a run are in :mod:`diffusion_jax.evaluation.figures`), so the
+trainer draws its sample grids with them.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 from collections.abc import Sequence
 
+import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax import data, diffusion
 from diffusion_jax import schedules as schedules_lib
 
 __all__ = [
     "dataset_image",
     "image_grid",
-    "main",
     "plot_noising",
     "plot_points",
     "plot_schedules",
+    "pyplot",
+    "save_figure",
     "save_image_grid",
     "synthetic_image",
 ]
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -45,11 +39,12 @@ def _pyplot():
     return plt
 
 
-def _save(fig, out: str) -> str:
+def save_figure(fig, out: str) -> str:
+    """Writes ``fig`` to ``out`` (creating its folder), closes it and returns ``out``."""
     directory = os.path.dirname(os.path.abspath(out))
     os.makedirs(directory, exist_ok=True)
     fig.savefig(out, dpi=100)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return out
 
 
@@ -68,7 +63,7 @@ def plot_schedules(
     Returns:
       ``out``.
     """
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     t = np.arange(num_timesteps)
     for name in names:
@@ -84,7 +79,7 @@ def plot_schedules(
         ax.legend()
     fig.suptitle(f"Noise schedules, T = {num_timesteps}")
     fig.tight_layout()
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def synthetic_image(size: int = 64) -> np.ndarray:
@@ -115,8 +110,6 @@ def dataset_image(
     Raises:
       ValueError: a dataset of 2-D points, or an index outside the split.
     """
-    from diffusion_jax import data
-
     info, source = data.open_split(name, split=split, data_dir=data_dir)
     if info.kind != "image":
         raise ValueError(f"Dataset {name!r} holds {info.kind} data, not images.")
@@ -148,11 +141,7 @@ def plot_noising(
     Returns:
       ``out``.
     """
-    import jax.numpy as jnp
-
-    from diffusion_jax import diffusion
-
-    plt = _pyplot()
+    plt = pyplot()
     image = synthetic_image() if image is None else np.asarray(image, np.float32)
     if image.ndim != 3 or image.shape[-1] not in (1, 3):
         raise ValueError(f"image must be [H, W, C] with C in (1, 3), got shape {image.shape}.")
@@ -188,7 +177,7 @@ def plot_noising(
                 ax.set_ylabel(name)
     fig.suptitle(r"Forward process $q(x_t \mid x_0)$ under each schedule")
     fig.tight_layout()
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def image_grid(
@@ -246,7 +235,7 @@ def plot_points(
     samples = np.asarray(samples)
     if samples.ndim != 2 or samples.shape[1] != 2:
         raise ValueError(f"samples must be [N, 2] points, got shape {samples.shape}.")
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 6))
     if data is not None:
         data = np.asarray(data)
@@ -257,73 +246,4 @@ def plot_points(
     ax.legend(loc="upper right")
     ax.set_title(title or f"{len(samples)} samples")
     fig.tight_layout()
-    return _save(fig, out)
-
-
-WORKDIR_FIGURES = ("trajectory", "loss", "samples")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry: ``python -m diffusion_jax.plots NAME --out FILE``."""
-    parser = argparse.ArgumentParser(
-        prog="python -m diffusion_jax.plots",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "name", choices=["schedules", "noising", *WORKDIR_FIGURES], help="which figure"
-    )
-    parser.add_argument("--out", required=True, help="PNG file to write")
-    parser.add_argument("--num_timesteps", type=int, default=1000, help="schedules, noising")
-    parser.add_argument(
-        "--dataset", default="digits", help="noising: image dataset, or 'synthetic'"
-    )
-    parser.add_argument("--index", type=int, default=0, help="noising: which train image")
-    parser.add_argument("--data_dir", default=None, help="noising: TFDS data_dir")
-    parser.add_argument("--workdir", help="trajectory, loss, samples: the training run")
-    parser.add_argument("--method", default="ddim", help="trajectory, samples: the sampler")
-    parser.add_argument("--steps", type=int, default=50, help="trajectory, samples")
-    parser.add_argument(
-        "--num",
-        type=int,
-        default=None,
-        help="trajectory: 8 images / 1000 points; samples: 64 / 1000",
-    )
-    parser.add_argument("--frames", type=int, default=8, help="trajectory: recorded steps")
-    parser.add_argument("--seed", type=int, default=0, help="trajectory, samples")
-    parser.add_argument("--params", choices=("ema", "raw"), default="ema")
-    parser.add_argument("--checkpoint_step", type=int, default=None, help="default: newest")
-    args = parser.parse_args(argv)
-    from diffusion_jax.run_plots import plot_loss, plot_samples, plot_trajectory
-
-    if args.name in WORKDIR_FIGURES and not args.workdir:
-        parser.error(f"{args.name} needs --workdir")
-    sampling = dict(
-        method=args.method,
-        steps=args.steps,
-        seed=args.seed,
-        which=args.params,
-        checkpoint_step=args.checkpoint_step,
-    )
-    if args.name == "schedules":
-        path = plot_schedules(args.out, num_timesteps=args.num_timesteps)
-    elif args.name == "noising":
-        steps = np.linspace(0, args.num_timesteps - 1, 8).round().astype(int).tolist()
-        image = None
-        if args.dataset != "synthetic":
-            image = dataset_image(args.dataset, args.index, data_dir=args.data_dir)
-        path = plot_noising(
-            args.out, image=image, num_timesteps=args.num_timesteps, timesteps=steps
-        )
-    elif args.name == "trajectory":
-        path = plot_trajectory(args.workdir, args.out, num=args.num, frames=args.frames, **sampling)
-    elif args.name == "loss":
-        path = plot_loss(args.workdir, args.out)
-    else:
-        path = plot_samples(args.workdir, args.out, num=args.num, **sampling)
-    print(f"wrote {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return save_figure(fig, out)

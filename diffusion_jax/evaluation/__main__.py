@@ -1,0 +1,208 @@
+"""Judging a trained model: its likelihood bound, FID/IS, and how its samples look.
+
+Command line (``python -m diffusion_jax.evaluation CMD``):
+
+- ``nll --workdir DIR [--split test]``: the variational bound in bits/dim, all T terms
+  (:mod:`diffusion_jax.evaluation.likelihood`), printed and written as JSON into the workdir.
+- ``ref-stats --dataset NAME --out STATS.npz`` and ``fid --workdir DIR --ref STATS.npz``:
+  Inception statistics and FID/IS (:mod:`diffusion_jax.evaluation.fid`; the Inception weights
+  are a file you supply), and ``convert-inception`` to produce that file from pytorch-fid's
+  weights.
+- ``digits --samples F.npz``: the classifier check of generated 8x8 digits
+  (:mod:`diffusion_jax.evaluation.digits_check`), the quick check of the demo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+
+from diffusion_jax.evaluation.digits_check import DIGITS_CONFIDENCE, digits_report
+from diffusion_jax.evaluation.fid import (
+    WEIGHTS_ENV,
+    convert_torch_file,
+    fid_from_workdir,
+    ref_stats,
+)
+from diffusion_jax.evaluation.likelihood import format_nll, nll_from_workdir
+
+
+def _add_weights_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--inception_weights",
+        default=None,
+        help=f"converted FID Inception weights (.npz); default ${WEIGHTS_ENV}",
+    )
+
+
+def _run(job) -> int:
+    try:
+        job()
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _ref_stats_command(args: argparse.Namespace) -> int:
+    def job():
+        report = ref_stats(
+            args.dataset,
+            args.split,
+            args.out,
+            args.inception_weights,
+            args.data_dir,
+            args.num,
+            image_size=args.image_size,
+            batch_size=args.batch_size,
+        )
+        print(json.dumps(report))
+        print(
+            f"wrote {report['out']}: statistics of {report['num']} images of "
+            f"{args.dataset}:{args.split} (their IS {report['inception_score']:.2f})"
+        )
+
+    return _run(job)
+
+
+def _fid_command(args: argparse.Namespace) -> int:
+    def job():
+        result = fid_from_workdir(
+            args.workdir,
+            args.ref,
+            num=args.num,
+            batch_size=args.batch_size,
+            method=args.method,
+            steps=args.steps,
+            eta=args.eta,
+            seed=args.seed,
+            params=args.params,
+            checkpoint_step=args.checkpoint_step,
+            guidance=args.guidance,
+            inception_weights=args.inception_weights,
+            inception_batch_size=args.inception_batch_size,
+        )
+        print(json.dumps(result))
+        print(
+            f"FID {result['fid']:.3f}  IS {result['inception_score']:.3f} "
+            f"+- {result['inception_score_std']:.3f}  ({result['num']} samples, "
+            f"{args.params} params, {args.method} {result['steps']} steps)"
+        )
+
+    return _run(job)
+
+
+def _convert_command(args: argparse.Namespace) -> int:
+    return _run(lambda: print(f"wrote {convert_torch_file(args.pth, args.out)}"))
+
+
+def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
+    """Registers ``ref-stats``, ``fid`` and ``convert-inception`` on an argparse subparser set.
+
+    Each parser's ``func`` default is its handler, ``func(args) -> exit code``::
+
+      sub = parser.add_subparsers(dest="command", required=True)
+      fid.add_subcommands(sub)
+      args = parser.parse_args(argv)
+      return args.func(args)
+    """
+    ref = subparsers.add_parser("ref-stats", help="FID reference statistics of a dataset split")
+    ref.add_argument("--dataset", required=True, help="dataset name, e.g. cifar10")
+    ref.add_argument("--split", default="train")
+    ref.add_argument("--out", required=True, help="statistics .npz to write")
+    ref.add_argument("--data_dir", default=None, help="TFDS data directory")
+    ref.add_argument("--num", type=int, default=None, help="first N examples (default: all)")
+    ref.add_argument("--image_size", type=int, default=None, help="resize + centre-crop first")
+    ref.add_argument("--batch_size", type=int, default=200, help="images per Inception call")
+    _add_weights_flag(ref)
+    ref.set_defaults(func=_ref_stats_command)
+
+    fid = subparsers.add_parser("fid", help="sample a checkpoint and report FID and IS")
+    fid.add_argument("--workdir", required=True, help="training workdir with checkpoints/")
+    fid.add_argument("--ref", required=True, help="reference statistics .npz (ref-stats)")
+    fid.add_argument("--num", type=int, default=50_000, help="number of samples")
+    fid.add_argument("--batch_size", type=int, default=None, help="samples per sampler call")
+    fid.add_argument("--method", default="ddim", help="ddpm | ddim | dpm_solver++")
+    fid.add_argument("--steps", type=int, default=50, help="sampler steps")
+    fid.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity")
+    fid.add_argument("--seed", type=int, default=0)
+    fid.add_argument("--params", choices=("ema", "raw"), default="ema")
+    fid.add_argument("--checkpoint_step", type=int, default=None)
+    fid.add_argument("--guidance", type=float, default=None, help="classifier-free guidance")
+    fid.add_argument("--inception_batch_size", type=int, default=200)
+    _add_weights_flag(fid)
+    fid.set_defaults(func=_fid_command)
+
+    convert = subparsers.add_parser(
+        "convert-inception", help="convert pytorch-fid's Inception .pth to our .npz (needs torch)"
+    )
+    convert.add_argument("--pth", required=True, help="pt_inception-2015-12-05-6726825d.pth")
+    convert.add_argument("--out", required=True, help=".npz to write")
+    convert.set_defaults(func=_convert_command)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: ``python -m diffusion_jax.evaluation {nll,digits,ref-stats,fid,...} ...``."""
+    parser = argparse.ArgumentParser(prog="python -m diffusion_jax.evaluation")
+    sub = parser.add_subparsers(dest="command", required=True)
+    nll_parser = sub.add_parser("nll", help="variational bound in bits/dim of a checkpoint")
+    nll_parser.add_argument("--workdir", required=True, help="the training run's directory")
+    nll_parser.add_argument("--split", default="test", help="dataset split to score")
+    nll_parser.add_argument("--num", type=int, default=None, help="first N examples (all)")
+    nll_parser.add_argument("--batch_size", type=int, default=64)
+    nll_parser.add_argument("--params", choices=("ema", "raw"), default="ema")
+    nll_parser.add_argument("--checkpoint_step", type=int, default=None, help="default: newest")
+    nll_parser.add_argument("--seed", type=int, default=0)
+    nll_parser.add_argument(
+        "--clip_x0",
+        choices=("config", "on", "off"),
+        default="config",
+        help="clip the predicted x0 to [-1, 1] in each term (default: as the config says)",
+    )
+    nll_parser.add_argument("--data_dir", default=None, help="TFDS data_dir (default: config's)")
+    digits_parser = sub.add_parser("digits", help="classifier check of generated 8x8 digits")
+    digits_parser.add_argument("--samples", required=True, help="samples.npz from sample.py")
+    digits_parser.add_argument(
+        "--min_recognisable", type=float, default=0.0, help="exit 1 below this fraction"
+    )
+    add_subcommands(sub)
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is not None:
+        return args.func(args)
+    if args.command == "nll":
+        try:
+            result = nll_from_workdir(
+                args.workdir,
+                split=args.split,
+                num=args.num,
+                batch_size=args.batch_size,
+                which=args.params,
+                checkpoint_step=args.checkpoint_step,
+                seed=args.seed,
+                clip_x0={"config": None, "on": True, "off": False}[args.clip_x0],
+                data_dir=args.data_dir,
+            )
+        except (ValueError, FileNotFoundError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        print(format_nll(result))
+        if "json_path" in result:
+            print(f"wrote {result['json_path']}")
+        return 0
+    with np.load(args.samples) as npz:
+        report = digits_report(npz["images"])
+    print(json.dumps(report))
+    print(
+        f"{report['recognisable_fraction']:.0%} of {report['num']} samples recognisable "
+        f"(classifier >= {DIGITS_CONFIDENCE:.0%} sure and near a real digit); "
+        f"classes present: {report['classes_present']}/10"
+    )
+    return 0 if report["recognisable_fraction"] >= args.min_recognisable else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""A trained run restored from its workdir: config, model, schedule and parameters.
+
+Only the chosen parameters are read (no optimiser state, no random initialisation). Sampling
+(``sample.py``), the bound, FID and the pictures of a run all start here.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, NamedTuple
+
+import jax
+import ml_collections
+
+from diffusion_jax import data, options
+from diffusion_jax.models import example_inputs, make_model_fn
+from diffusion_jax.train import checkpoint as checkpoint_lib
+from diffusion_jax.train import config as config_lib
+from diffusion_jax.train import sharding
+
+__all__ = ["Run", "abstract_params", "restore_run"]
+
+
+def abstract_params(model, data_shape, conditional: bool, mesh) -> Any:
+    """The parameters' shapes, dtypes and (replicated) shardings, without allocating them."""
+    x, t, kwargs = example_inputs(tuple(data_shape), conditional=conditional)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, t, **kwargs)["params"])
+    replicated = sharding.replicated(mesh)
+    return jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), shapes
+    )
+
+
+class Run(NamedTuple):
+    """A trained model restored from a workdir, ready to evaluate or sample."""
+
+    config: Any  # ml_collections.ConfigDict saved with the checkpoint
+    info: Any  # data.DatasetInfo of config.data.name
+    data_shape: tuple[int, ...]  # (H, W, C) or (D,)
+    model: Any  # the Linen module
+    model_fn: Any  # its model_fn(params, x_t, t, **kwargs), one object per model (no dropout)
+    schedule: Any  # schedules.Schedule
+    params: Any  # the restored parameters, replicated over ``mesh``
+    step: int  # the checkpoint's step
+    which: str  # "ema" or "raw"
+    mesh: Any  # jax.sharding.Mesh the params live on
+
+
+def restore_run(
+    workdir: str,
+    *,
+    which: options.ParamsChoice = "ema",
+    checkpoint_step: int | None = None,
+    data_dir: str | None = None,
+    mesh=None,
+) -> Run:
+    """Restores a workdir's config, model and parameters (no optimiser state, no random init).
+
+    The config and the parameters come from the same checkpoint: with ``checkpoint_step=None``
+    an unreadable newest checkpoint is skipped with a warning (the one fallback rule of
+    :func:`diffusion_jax.train.checkpoint.restore_params`).
+
+    Args:
+      workdir: a training run's directory (with ``checkpoints/``).
+      which: ``"ema"`` for the EMA parameters, ``"raw"`` for the trained ones.
+      checkpoint_step: the checkpoint to read; None for the newest readable one.
+      data_dir: TFDS data directory, overriding the one saved in the config.
+      mesh: devices to replicate the params over (default: every device).
+
+    Returns:
+      A :class:`Run`.
+
+    Raises:
+      FileNotFoundError: the workdir has no checkpoint.
+      ValueError: a bad ``which`` or a ``checkpoint_step`` that does not exist.
+    """
+    options.check("params", which)
+    ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+        raise FileNotFoundError(f"No checkpoint in {ckpt_dir}: train a model there first.")
+    mesh = sharding.make_mesh() if mesh is None else mesh
+    built = {}
+
+    def abstract_for(saved_config: dict) -> Any:
+        config = ml_collections.ConfigDict(saved_config)
+        info = data.get_dataset_info(
+            config.data.name, data_dir=data_dir or config.data.data_dir or None
+        )
+        data_shape = tuple(info.element_shape(config.data.image_size or None))
+        model = config_lib.build_model(config, data_shape, info.num_classes)
+        built.update(config=config, info=info, data_shape=data_shape, model=model)
+        return abstract_params(model, data_shape, bool(config.model.class_conditional), mesh)
+
+    step, params = checkpoint_lib.restore_params_with_config(
+        ckpt_dir, abstract_for, which=which, step=checkpoint_step
+    )
+    return Run(
+        config=built["config"],
+        info=built["info"],
+        data_shape=built["data_shape"],
+        model=built["model"],
+        model_fn=make_model_fn(built["model"], train=False),
+        schedule=config_lib.build_schedule(built["config"]),
+        params=params,
+        step=int(step),
+        which=which,
+        mesh=mesh,
+    )

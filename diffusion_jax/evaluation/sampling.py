@@ -1,0 +1,178 @@
+"""``sample.py``'s job: samples from a trained run's checkpoint, written as images or points.
+
+Example ``i`` of a run always gets the noise of run-wide index ``i``, so the same seed gives the
+same samples whatever the batch size or device count (:func:`diffusion_jax.train.generate.
+generate`).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from PIL import Image
+
+from diffusion_jax import options, plots
+from diffusion_jax.data import toy
+from diffusion_jax.evaluation.runs import Run, restore_run
+from diffusion_jax.train.generate import generate, to_uint8
+
+__all__ = [
+    "check_method",
+    "generate_from_run",
+    "parse_labels",
+    "resolve_steps",
+    "sample_from_workdir",
+]
+
+
+def check_method(method: str) -> None:
+    """A ValueError naming the sampler methods when ``method`` is not one of them."""
+    options.check("method", method)
+
+
+def resolve_steps(run: Run, steps: int | None) -> int:
+    """The sampler steps for ``run``'s model: ``None`` means all T; others must lie in [1, T]."""
+    num_timesteps = run.config.diffusion.num_timesteps
+    steps = num_timesteps if steps is None else steps
+    if not 1 <= steps <= num_timesteps:
+        raise ValueError(
+            f"--steps must lie in [1, {num_timesteps}] (T of this model), got {steps}."
+        )
+    return steps
+
+
+def generate_from_run(
+    run: Run,
+    *,
+    num: int,
+    batch_size: int | None,
+    seed: int,
+    method: str,
+    num_steps: int,
+    eta: float = 0.0,
+    labels: np.ndarray | None = None,
+    guidance_scale: float | None = None,
+    progress: bool = True,
+) -> np.ndarray:
+    """:func:`generate` with a restored :class:`Run`'s model, params and mesh.
+
+    ``batch_size`` (default ``min(num, 64)``) is rounded up to a multiple of the device count.
+    """
+    batch_size = batch_size or min(num, 64)
+    batch_size = -(-batch_size // run.mesh.size) * run.mesh.size
+    return generate(
+        run.config,
+        run.model,
+        run.schedule,
+        run.params,
+        run.data_shape,
+        num=num,
+        batch_size=batch_size,
+        seed=seed,
+        method=method,
+        num_steps=num_steps,
+        eta=eta,
+        is_image=run.info.kind == "image",
+        labels=labels,
+        null_label=run.info.num_classes,
+        guidance_scale=guidance_scale,
+        mesh=run.mesh,
+        progress=progress and jax.process_index() == 0,
+    )
+
+
+def parse_labels(text: str | None, num: int, num_classes: int | None) -> np.ndarray | None:
+    """``"0,1,2"`` -> labels repeated to ``num``; validated against ``num_classes`` on the host."""
+    if not text:
+        return None
+    if not num_classes:
+        raise ValueError("--labels given, but the model is not class-conditional.")
+    try:
+        values = np.array([int(v) for v in text.split(",") if v.strip()], np.int32)
+    except ValueError:
+        raise ValueError(f"--labels must be comma-separated integers, got {text!r}.") from None
+    if values.size == 0:
+        raise ValueError("--labels is empty.")
+    bad = values[(values < 0) | (values >= num_classes)]
+    if bad.size:
+        raise ValueError(
+            f"--labels {bad.tolist()} out of range: the model has classes 0..{num_classes - 1}."
+        )
+    return np.resize(values, num)
+
+
+def sample_from_workdir(
+    workdir: str,
+    *,
+    out: str,
+    num: int = 64,
+    batch_size: int | None = None,
+    method: str = "ddim",
+    steps: int | None = 50,
+    eta: float = 0.0,
+    seed: int = 0,
+    which: str = "ema",
+    checkpoint_step: int | None = None,
+    guidance: float | None = None,
+    labels: str | None = None,
+    individual: bool = False,
+    progress: bool = True,
+) -> dict[str, str]:
+    """``sample.py``'s job: restore a checkpoint's params and write samples to ``out``.
+
+    Only the chosen parameters are restored (no random initialisation, no optimiser state).
+
+    Returns:
+      The paths written, by kind (``grid``, ``npz``, ``images``).
+    """
+    check_method(method)
+    if num < 1:
+        raise ValueError(f"--num must be >= 1, got {num}.")
+    run = restore_run(workdir, which=which, checkpoint_step=checkpoint_step)
+    config, info = run.config, run.info
+    steps = resolve_steps(run, steps)
+    is_image = info.kind == "image"
+    conditional = bool(config.model.class_conditional)
+    label_array = parse_labels(labels, num, info.num_classes if conditional else None)
+    if guidance is not None and label_array is None:
+        raise ValueError("--guidance needs --labels (classifier-free guidance is conditional).")
+    if conditional and label_array is None:
+        label_array = np.arange(num, dtype=np.int32) % info.num_classes
+    samples = generate_from_run(
+        run,
+        num=num,
+        batch_size=batch_size,
+        seed=seed,
+        method=method,
+        num_steps=steps,
+        eta=eta,
+        labels=label_array,
+        guidance_scale=guidance,
+        progress=progress,
+    )
+    if jax.process_index() != 0:
+        return {}
+    os.makedirs(out, exist_ok=True)
+    written = {}
+    if is_image:
+        pixels = to_uint8(samples)
+        written["npz"] = os.path.join(out, "samples.npz")
+        extra = {} if label_array is None else {"labels": label_array}
+        np.savez_compressed(written["npz"], images=pixels, **extra)
+        written["grid"] = plots.save_image_grid(pixels, os.path.join(out, "grid.png"))
+        if individual:
+            folder = os.path.join(out, "images")
+            os.makedirs(folder, exist_ok=True)
+            for index, image in enumerate(pixels):
+                Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(
+                    os.path.join(folder, f"{index:05d}.png")
+                )
+            written["images"] = folder
+    else:
+        written["npz"] = os.path.join(out, "samples.npz")
+        np.savez_compressed(written["npz"], x=samples.astype(np.float32))
+        reference = toy.reference_points(config.data.name)
+        written["grid"] = plots.plot_points(samples, os.path.join(out, "scatter.png"), reference)
+    return written

@@ -1,0 +1,89 @@
+"""Command line: ``python -m diffusion_jax.plots NAME --out FILE.png`` with NAME one of
+
+- ``schedules``: beta_t, alphas_cumprod and log-SNR of every schedule;
+- ``noising [--dataset digits]``: one dataset image noised at several t under each schedule
+  (``--dataset synthetic`` draws a built-in test picture instead);
+- ``trajectory --workdir DIR [--method ddim --steps 50 --num 8]``: a checkpoint's reverse
+  process from noise to sample, the predicted x0 beside each x_t (2-D data: scatter plots);
+- ``loss --workdir DIR``: the training curves of ``metrics.jsonl``;
+- ``samples --workdir DIR [--num 64]``: a sample grid (2-D data: samples over the data).
+
+The last three read a training run (:mod:`diffusion_jax.evaluation.figures`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+
+from diffusion_jax.evaluation.figures import plot_loss, plot_samples, plot_trajectory
+from diffusion_jax.plots.figures import dataset_image, plot_noising, plot_schedules
+
+WORKDIR_FIGURES = ("trajectory", "loss", "samples")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry: ``python -m diffusion_jax.plots NAME --out FILE``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m diffusion_jax.plots",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "name", choices=["schedules", "noising", *WORKDIR_FIGURES], help="which figure"
+    )
+    parser.add_argument("--out", required=True, help="PNG file to write")
+    parser.add_argument("--num_timesteps", type=int, default=1000, help="schedules, noising")
+    parser.add_argument(
+        "--dataset", default="digits", help="noising: image dataset, or 'synthetic'"
+    )
+    parser.add_argument("--index", type=int, default=0, help="noising: which train image")
+    parser.add_argument("--data_dir", default=None, help="noising: TFDS data_dir")
+    parser.add_argument("--workdir", help="trajectory, loss, samples: the training run")
+    parser.add_argument("--method", default="ddim", help="trajectory, samples: the sampler")
+    parser.add_argument("--steps", type=int, default=50, help="trajectory, samples")
+    parser.add_argument(
+        "--num",
+        type=int,
+        default=None,
+        help="trajectory: 8 images / 1000 points; samples: 64 / 1000",
+    )
+    parser.add_argument("--frames", type=int, default=8, help="trajectory: recorded steps")
+    parser.add_argument("--seed", type=int, default=0, help="trajectory, samples")
+    parser.add_argument("--params", choices=("ema", "raw"), default="ema")
+    parser.add_argument("--checkpoint_step", type=int, default=None, help="default: newest")
+    args = parser.parse_args(argv)
+    if args.name in WORKDIR_FIGURES and not args.workdir:
+        parser.error(f"{args.name} needs --workdir")
+    sampling = dict(
+        method=args.method,
+        steps=args.steps,
+        seed=args.seed,
+        which=args.params,
+        checkpoint_step=args.checkpoint_step,
+    )
+    if args.name == "schedules":
+        path = plot_schedules(args.out, num_timesteps=args.num_timesteps)
+    elif args.name == "noising":
+        steps = np.linspace(0, args.num_timesteps - 1, 8).round().astype(int).tolist()
+        image = None
+        if args.dataset != "synthetic":
+            image = dataset_image(args.dataset, args.index, data_dir=args.data_dir)
+        path = plot_noising(
+            args.out, image=image, num_timesteps=args.num_timesteps, timesteps=steps
+        )
+    elif args.name == "trajectory":
+        path = plot_trajectory(args.workdir, args.out, num=args.num, frames=args.frames, **sampling)
+    elif args.name == "loss":
+        path = plot_loss(args.workdir, args.out)
+    else:
+        path = plot_samples(args.workdir, args.out, num=args.num, **sampling)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,20 @@
+"""The training tool: config defaults and validation, the train state and step, the loop,
+checkpoints, device placement, metrics and the periodic sample grids.
+
+``train_and_evaluate(config, workdir)`` is the whole job (``train.py`` only parses flags).
+"""
+
+from diffusion_jax.train import checkpoint, config, defaults, generate, metrics, sharding, step
+from diffusion_jax.train.loop import NonFiniteError, train_and_evaluate
+
+__all__ = [
+    "NonFiniteError",
+    "checkpoint",
+    "config",
+    "defaults",
+    "generate",
+    "metrics",
+    "sharding",
+    "step",
+    "train_and_evaluate",
+]

@@ -1,0 +1,183 @@
+"""Turning parameters into samples: batched, spread over devices, reproducible.
+
+The trainer draws its periodic sample grids with it, and the evaluation tools (``sample.py``,
+FID, the pictures of a run) build on it. Example ``i`` of a run always
+gets the noise of run-wide index ``i`` (``samplers.sample(..., first_index=...)``), so the same
+seed gives the same samples whatever the batch size or device count.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from tqdm.auto import tqdm
+
+from diffusion_jax import _runtime, plots, samplers
+from diffusion_jax.data import toy
+from diffusion_jax.models import make_model_fn
+from diffusion_jax.train import sharding
+
+__all__ = ["generate", "to_uint8", "write_samples", "write_training_samples"]
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """[-1, 1] floats to uint8 pixels (rounded, clipped)."""
+    return np.clip(np.round((np.asarray(images) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def _clip_option(config: ml_collections.ConfigDict, is_image: bool) -> Any:
+    return bool(config.diffusion.clip_x0) and is_image
+
+
+def generate(
+    config: ml_collections.ConfigDict,
+    model,
+    schedule,
+    params: Any,
+    data_shape: Sequence[int],
+    *,
+    num: int,
+    batch_size: int,
+    seed: int,
+    method: str,
+    num_steps: int,
+    is_image: bool,
+    eta: float = 0.0,
+    labels: np.ndarray | None = None,
+    null_label: int | None = None,
+    guidance_scale: float | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    progress: bool = False,
+) -> np.ndarray:
+    """Draws ``num`` samples in batches of ``batch_size``, each batch split over ``mesh``.
+
+    Args:
+      config: the run's config (its ``diffusion`` section says how the model was trained).
+      model: the Linen module.
+      schedule: the diffusion's schedule.
+      params: the parameters to sample with (e.g. the EMA params).
+      data_shape: ``(H, W, C)`` or ``(D,)``.
+      num: number of samples.
+      batch_size: samples per compiled call; a multiple of the mesh size.
+      seed: the samples are a function of (seed, index) alone.
+      method, num_steps, eta: see :func:`diffusion_jax.samplers.sample`.
+      is_image: images are clipped to [-1, 1] when ``config.diffusion.clip_x0``.
+      labels: ``[num]`` int labels for a class-conditional model (validated by the caller).
+      null_label: the unconditional label, for guidance.
+      guidance_scale: classifier-free guidance weight, or ``None``.
+      mesh: devices to split each batch over (default: every device).
+      progress: show a progress bar over batches.
+
+    Returns:
+      float32 ``[num, *data_shape]``.
+    """
+    mesh = sharding.make_mesh() if mesh is None else mesh
+    if batch_size % mesh.size:
+        raise ValueError(
+            f"batch_size {batch_size} must be a multiple of the number of devices ({mesh.size})."
+        )
+    d = config.diffusion
+    model_fn = make_model_fn(model, train=False)
+    key = jax.random.key(seed)
+    out_sharding = sharding.data_sharding(mesh)
+
+    @_runtime.jit(out_shardings=out_sharding)
+    def draw(params, batch_labels, first_index):
+        kwargs, uncond = None, None
+        if batch_labels is not None:
+            kwargs = {"y": batch_labels}
+            if guidance_scale is not None:
+                uncond = {"y": jnp.full_like(batch_labels, null_label)}
+        return samplers.sample(
+            model_fn,
+            params,
+            schedule,
+            key,
+            (batch_size, *data_shape),
+            method=method,
+            num_steps=num_steps,
+            eta=eta,
+            parameterization=d.parameterization,
+            variance=d.variance,
+            clip_x0=_clip_option(config, is_image),
+            model_kwargs=kwargs,
+            guidance_scale=guidance_scale if batch_labels is not None else None,
+            uncond_kwargs=uncond,
+            first_index=first_index,
+        )
+
+    chunks = []
+    starts = range(0, num, batch_size)
+    for start in tqdm(starts, disable=not progress, unit="batch", desc="sampling"):
+        batch_labels = None
+        if labels is not None:
+            batch_labels = np.zeros((batch_size,), np.int32)
+            part = labels[start : start + batch_size]
+            batch_labels[: len(part)] = part
+            host_labels = batch_labels
+            batch_labels = jax.make_array_from_callback(
+                host_labels.shape, out_sharding, lambda index, a=host_labels: a[index]
+            )
+        # first_index is a traced value: one compilation serves every batch.
+        samples = draw(params, batch_labels, jnp.int32(start))
+        chunks.append(sharding.to_host(samples)[: num - start])
+    return np.concatenate(chunks, axis=0)
+
+
+def write_samples(samples: np.ndarray, out: str, *, is_image: bool, data=None) -> str:
+    """Writes a grid (images) or a scatter plot over ``data`` (2-D points) to ``out``."""
+    if is_image:
+        return plots.save_image_grid(to_uint8(samples), out)
+    return plots.plot_points(samples, out, data=data)
+
+
+def write_training_samples(
+    config: ml_collections.ConfigDict,
+    model,
+    schedule,
+    params: Any,
+    info,
+    data_shape: Sequence[int],
+    workdir: str,
+    step: int,
+    mesh: jax.sharding.Mesh | None = None,
+) -> str | None:
+    """The trainer's periodic picture: ``workdir/samples/step_XXXXXXX.png`` from ``params``.
+
+    Every process takes part in sampling (the batch is split over all devices); process 0
+    writes the file.
+    """
+    t = config.train
+    is_image = info.kind == "image"
+    mesh = sharding.make_mesh() if mesh is None else mesh
+    num = t.num_samples
+    batch = -(-num // mesh.size) * mesh.size
+    labels = None
+    if config.model.class_conditional and info.num_classes:
+        labels = np.arange(num, dtype=np.int32) % info.num_classes
+    samples = generate(
+        config,
+        model,
+        schedule,
+        params,
+        data_shape,
+        num=num,
+        batch_size=batch,
+        seed=config.seed,
+        method=t.sample_method,
+        num_steps=t.sample_steps,
+        is_image=is_image,
+        labels=labels,
+        mesh=mesh,
+    )
+    if jax.process_index() != 0:
+        return None
+    out = os.path.join(workdir, "samples", f"step_{step:07d}.png")
+    reference = None if is_image else toy.reference_points(config.data.name)
+    return write_samples(samples, out, is_image=is_image, data=reference)
