@@ -7,17 +7,19 @@ the same allowed values, and a type checker sees them in signatures.
 Example:
   >>> check("parameterization", "v")
   'v'
-  >>> check("timestep_spacing", "even")
+  >>> check("timestep_spacing", "even")  # doctest: +ELLIPSIS
   Traceback (most recent call last):
-  ValueError: Unknown timestep_spacing 'even'; expected one of ('linspace', 'leading', ...
+  ...ArgumentError: Unknown timestep_spacing 'even'; expected one of ('linspace', 'leading', ...
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Literal, get_args
 
 __all__ = [
     "ALLOWED",
+    "ArgumentError",
     "LOSS_TYPES",
     "PARAMETERIZATIONS",
     "PARAMS_CHOICES",
@@ -76,6 +78,31 @@ ALLOWED: dict[str, tuple[str, ...]] = {
 }
 
 
+class ArgumentError(ValueError):
+    """A ValueError about one argument of a library function, worded so that a command-line tool
+    can name its own flag in place of the argument.
+
+    ``str(error)`` names the argument as the library knows it; :meth:`for_flags` renders the
+    same message with a CLI's flag names.
+
+    Example:
+      >>> error = ArgumentError("num_steps", "{name} must lie in [1, 50], got 0.")
+      >>> str(error)
+      'num_steps must lie in [1, 50], got 0.'
+      >>> error.for_flags({"num_steps": "--steps"})
+      '--steps must lie in [1, 50], got 0.'
+    """
+
+    def __init__(self, argument: str, template: str):
+        self.argument = argument
+        self.template = template
+        super().__init__(template.format(name=argument))
+
+    def for_flags(self, flags: Mapping[str, str]) -> str:
+        """The message with the argument renamed by ``flags`` (argument name -> flag)."""
+        return self.template.format(name=flags.get(self.argument, self.argument))
+
+
 def check(name: str, value: object, *, label: str | None = None) -> str:
     """Returns ``value`` if it is an allowed value of option ``name``; else a ValueError.
 
@@ -86,9 +113,10 @@ def check(name: str, value: object, *, label: str | None = None) -> str:
         ``"config.diffusion.variance"``; command-line tools pass their flag.
 
     Raises:
-      ValueError: ``Unknown <label> <value>; expected one of <allowed>.``
+      ArgumentError: ``Unknown <label> <value>; expected one of <allowed>.``
     """
     allowed = ALLOWED[name]
     if not isinstance(value, str) or value not in allowed:
-        raise ValueError(f"Unknown {label or name} {value!r}; expected one of {allowed}.")
+        detail = f"{value!r}; expected one of {allowed}.".replace("{", "{{").replace("}", "}}")
+        raise ArgumentError(label or name, "Unknown {name} " + detail)
     return value
