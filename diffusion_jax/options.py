@@ -7,9 +7,11 @@ the same allowed values, and a type checker sees them in signatures.
 Example:
   >>> check("parameterization", "v")
   'v'
-  >>> check("timestep_spacing", "even")  # doctest: +ELLIPSIS
-  Traceback (most recent call last):
-  ...ArgumentError: Unknown timestep_spacing 'even'; expected one of ('linspace', 'leading', ...
+  >>> try:
+  ...     check("timestep_spacing", "even")
+  ... except ValueError as error:
+  ...     print(error)
+  Unknown timestep_spacing 'even'; expected one of ('linspace', 'leading', 'trailing', 'quadratic').
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from typing import Literal, get_args
 
 __all__ = [
     "ALLOWED",
-    "ArgumentError",
     "LOSS_TYPES",
     "PARAMETERIZATIONS",
     "PARAMS_CHOICES",
@@ -28,6 +29,7 @@ __all__ = [
     "SPACINGS",
     "TIMESTEP_SAMPLERS",
     "VARIANCES",
+    "ArgumentError",
     "LossType",
     "Parameterization",
     "ParamsChoice",
