@@ -1,6 +1,8 @@
 """Float64 NumPy reference of the diffusion core, written from the papers, not from the package.
 
-Shared by ``test_schedules.py``, ``test_diffusion.py`` and ``test_losses.py``. Nothing here
+Shared by ``test_schedules.py``, ``test_diffusion.py`` and ``test_losses.py``, with the two
+helpers they have in common: the elementwise tolerance check (:func:`assert_close`) and
+:func:`call_variant`, which runs a function under a ``chex.variants`` variant. Nothing here
 imports ``diffusion_jax``; where the package uses a closed form, this module derives the same
 quantity another way when one exists (the posterior by conditioning two Gaussians, the
 cumulative product through ``log1p``/``expm1``, bin masses from the tail nearest the bin), so a
@@ -22,6 +24,8 @@ from __future__ import annotations
 
 import math
 
+import chex
+import jax
 import numpy as np
 from scipy import special, stats
 
@@ -411,3 +415,33 @@ def assert_close(got, want, rtol=1e-5, extra=0.0, scale=None, what=""):
             f"{what}: {bad.sum()} of {bad.size} elements out of tolerance; worst at {i}: "
             f"got {got[i]!r}, want {want[i]!r}, |err| {err[i]:.3g} > tol {tol[i]:.3g}"
         )
+
+
+# --------------------------------------------------------------------------------------------
+# chex variants.
+# --------------------------------------------------------------------------------------------
+
+
+def call_variant(variant, fn, *args, shared=(0,)):
+    """``fn(*args)`` under a chex variant: ``variant`` is ``self.variant`` of a ``chex.TestCase``.
+
+    ``with_jit`` and ``without_jit`` call ``fn`` on the arguments as they are. ``with_pmap``
+    splits the batch over the devices (eight fake CPU devices, see ``conftest.py``): each
+    argument not in ``shared`` has its leading axis ``[B, ...]`` reshaped to
+    ``[n_devices, B / n_devices, ...]``, the ``shared`` ones (the schedule) reach every device
+    whole, and each output is joined back to ``[B, ...]``. So ``fn`` must be per-example, with
+    its string options closed over (they are static, never traced).
+    """
+    if variant.type is not chex.ChexVariantType.WITH_PMAP:
+        return variant(fn)(*args)
+    n_devices = jax.device_count()
+
+    def split(x):
+        batch = np.shape(x)[0]
+        assert batch % n_devices == 0, f"batch {batch} does not split over {n_devices} devices"
+        return x.reshape((n_devices, batch // n_devices) + np.shape(x)[1:])
+
+    in_axes = tuple(None if i in shared else 0 for i in range(len(args)))
+    args = [arg if i in shared else jax.tree.map(split, arg) for i, arg in enumerate(args)]
+    pmapped = variant(fn, broadcast_args_to_devices=False, in_axes=in_axes, reduce_fn=None)
+    return jax.tree.map(lambda y: y.reshape((-1,) + y.shape[2:]), pmapped(*args))

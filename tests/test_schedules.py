@@ -14,8 +14,12 @@ What is checked, and how closely:
     float32, since rounding is monotone);
   * ``ValueError`` for unknown names, T < 1 or non-int T, bad parameters, betas outside (0, 1),
     non-finite betas and betas of the wrong shape;
-  * the pytree: a ``jit`` argument that compiles once per T, ``jax.tree.map``, a ``lax`` loop
-    carry, and ``num_timesteps`` static under ``jit``.
+  * the pytree: under ``chex.variants`` (``with_jit``, ``without_jit``, ``with_pmap`` with the
+    schedule shared by eight fake CPU devices and the timesteps split over them) it is gathered
+    from, mapped with ``jax.tree.map`` and carried through a ``lax`` loop, with ``num_timesteps``
+    a static int; a ``jit`` argument that compiles once per T.
+
+Comparisons use chex (``assert_trees_all_close`` on whole ``Schedule`` pytrees, leaf by leaf).
 """
 
 from __future__ import annotations
@@ -39,10 +43,11 @@ TABLE_RTOL = 1e-6
 
 
 def assert_tables_match(schedule: schedules.Schedule, want: dict[str, np.ndarray]) -> None:
-    for name in TABLES:
-        got = np.asarray(getattr(schedule, name))
-        assert got.dtype == np.float32, f"{name} is stored as {got.dtype}, not float32"
-        ref.assert_close(got, want[name], rtol=TABLE_RTOL, scale=0.0, extra=1e-30, what=name)
+    """Every table is float32 and within TABLE_RTOL of the float64 reference, leaf by leaf."""
+    chex.assert_type(jax.tree.leaves(schedule), np.float32)
+    expected = schedules.Schedule(**{name: want[name] for name in TABLES})
+    # atol 1e-30 only lets an exact 0 (posterior_variance[0]) match a reference 0.
+    chex.assert_trees_all_close(schedule, expected, rtol=TABLE_RTOL, atol=1e-30)
 
 
 @pytest.mark.parametrize("num_timesteps", [1000, 10])
@@ -78,25 +83,25 @@ def test_from_betas_tables_match_reference():
 @pytest.mark.parametrize("name", NAMES)
 def test_beta_table_is_float64_reference(name):
     got = schedules.beta_table(name, 1000)
-    assert got.dtype == np.float64
+    chex.assert_type(got, np.float64)
     # 1 - abar_t / abar_{t-1} cancels: float64 agreement to 1e-10 relative, not to the last bit.
-    np.testing.assert_allclose(got, ref.BETAS[name](1000), rtol=1e-10, atol=0)
+    chex.assert_trees_all_close(got, ref.BETAS[name](1000), rtol=1e-10, atol=0.0)
 
 
 def test_named_schedule_endpoints():
-    linear = schedules.get_schedule("linear", 1000)
-    np.testing.assert_allclose(linear.betas[[0, -1]], [1e-4, 0.02], rtol=1e-6)
-    quadratic = schedules.get_schedule("quadratic", 1000)
-    np.testing.assert_allclose(quadratic.betas[[0, -1]], [1e-4, 0.02], rtol=1e-6)
+    betas = {name: schedules.get_schedule(name, 1000).betas for name in NAMES}
     # sigmoid(+-6) = 0.0025 / 0.9975 of the way between the endpoints.
-    sigmoid = schedules.get_schedule("sigmoid", 1000)
     ramp = 1.0 / (1.0 + np.exp(6.0))
-    want = [1e-4 + (0.02 - 1e-4) * ramp, 0.02 - (0.02 - 1e-4) * ramp]
-    np.testing.assert_allclose(sigmoid.betas[[0, -1]], want, rtol=1e-6)
-    # cosine: the last beta is clipped at 0.999, and all others are below it.
-    cosine = schedules.get_schedule("cosine", 1000)
-    np.testing.assert_allclose(cosine.betas[-1], 0.999, rtol=1e-6)
-    assert np.all(np.asarray(cosine.betas[:-1]) < 0.999)
+    want = {
+        "linear": np.array([1e-4, 0.02]),
+        "quadratic": np.array([1e-4, 0.02]),
+        "sigmoid": np.array([1e-4 + (0.02 - 1e-4) * ramp, 0.02 - (0.02 - 1e-4) * ramp]),
+        # cosine: the last beta is clipped at 0.999 (all others are below it, checked below).
+        "cosine": np.array([betas["cosine"][0], 0.999]),
+    }
+    endpoints = {name: table[np.array([0, -1])] for name, table in betas.items()}
+    chex.assert_trees_all_close(endpoints, want, rtol=1e-6)
+    assert np.all(np.asarray(betas["cosine"][:-1]) < 0.999)
 
 
 @pytest.mark.parametrize("num_timesteps", [1000, 50])
@@ -105,7 +110,7 @@ def test_cosine_alphas_cumprod_is_f_t_over_f_0(num_timesteps):
     schedule = schedules.get_schedule("cosine", num_timesteps)
     steps = np.arange(1, num_timesteps)
     want = ref.cosine_alpha_bar(steps, num_timesteps)
-    ref.assert_close(schedule.alphas_cumprod[:-1], want, rtol=2e-6, scale=0.0, what="abar")
+    chex.assert_trees_all_close(schedule.alphas_cumprod[:-1], want, rtol=2e-6)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -115,30 +120,30 @@ def test_index_zero_conventions(name):
     assert posterior_variance[0] == 0.0
     # The log is clipped: index 0 takes the value of index 1 (DDPM reference code).
     assert schedule.posterior_log_variance_clipped[0] == schedule.posterior_log_variance_clipped[1]
-    np.testing.assert_allclose(
+    chex.assert_trees_all_close(
         schedule.posterior_log_variance_clipped[1:],
         np.log(posterior_variance[1:]),
         rtol=1e-6,
         atol=1e-7,  # log of a float32 variance near 1: absolute, not relative, precision.
     )
     # fixed_large: beta_t, but posterior_variance[1] at index 0 for variance and log-variance.
-    np.testing.assert_allclose(schedule.fixed_large_variance[0], posterior_variance[1], rtol=1e-6)
-    np.testing.assert_allclose(
-        schedule.fixed_large_log_variance[0], np.log(posterior_variance[1]), rtol=1e-6
+    chex.assert_trees_all_close(
+        (schedule.fixed_large_variance[0], schedule.fixed_large_log_variance[0]),
+        (posterior_variance[1], np.log(posterior_variance[1])),
+        rtol=1e-6,
     )
-    np.testing.assert_array_equal(schedule.fixed_large_variance[1:], schedule.betas[1:])
+    chex.assert_trees_all_equal(schedule.fixed_large_variance[1:], schedule.betas[1:])
     # abar_{-1} = 1; the posterior at index 0 returns x_0 itself.
     assert schedule.alphas_cumprod_prev[0] == 1.0
-    np.testing.assert_allclose(schedule.posterior_mean_coef1[0], 1.0, rtol=1e-6)
-    assert abs(float(schedule.posterior_mean_coef2[0])) < 1e-7
+    chex.assert_trees_all_close(schedule.posterior_mean_coef1[0], 1.0, rtol=1e-6)
+    chex.assert_trees_all_close(schedule.posterior_mean_coef2[0], 0.0, atol=1e-7)
 
 
 def test_single_step_schedule_builds():
     schedule = schedules.from_betas([0.5])
     assert schedule.num_timesteps == 1
-    for name in TABLES:
-        assert np.all(np.isfinite(np.asarray(getattr(schedule, name)))), name
-    np.testing.assert_allclose(schedule.alphas_cumprod, [0.5])
+    chex.assert_tree_all_finite(schedule)
+    chex.assert_trees_all_equal(schedule.alphas_cumprod, np.array([0.5], np.float32))
     assert schedule.posterior_variance[0] == 0.0
 
 
@@ -260,7 +265,7 @@ def test_schedule_is_a_jit_argument_compiled_once_per_length():
     for name in NAMES:  # Same T: one trace for all four schedules.
         schedule = schedules.get_schedule(name, 100)
         value, last_index = gather(schedule, t)
-        np.testing.assert_array_equal(value, schedule.alphas_cumprod[t])
+        chex.assert_trees_all_equal(value, schedule.alphas_cumprod[t])
         assert int(last_index) == 99
     value, last_index = gather(schedules.get_schedule("linear", 10), t)  # A second trace.
     assert int(last_index) == 9
@@ -274,12 +279,12 @@ def test_schedule_is_a_pytree():
     assert len(leaves) == len(TABLES)
     doubled = jax.tree.map(lambda x: 2 * x, schedule)
     assert isinstance(doubled, schedules.Schedule)
-    np.testing.assert_array_equal(doubled.betas, 2 * schedule.betas)
+    chex.assert_trees_all_equal(doubled.betas, 2 * schedule.betas)
     as_jax = jax.tree.map(jnp.asarray, schedule)
     assert as_jax.num_timesteps == 100
-    structure = jax.tree.structure(schedule)
-    rebuilt = jax.tree.unflatten(structure, leaves)
-    np.testing.assert_array_equal(rebuilt.log_snr, schedule.log_snr)
+    chex.assert_trees_all_equal(as_jax, schedule, strict=True)
+    rebuilt = jax.tree.unflatten(jax.tree.structure(schedule), leaves)
+    chex.assert_trees_all_equal(rebuilt, schedule, strict=True)
 
 
 def test_schedule_in_lax_loops():
@@ -294,10 +299,45 @@ def test_schedule_in_lax_loops():
         _, acc = jax.lax.fori_loop(0, schedule.num_timesteps, body, (schedule, jnp.float32(1.0)))
         return acc
 
-    np.testing.assert_allclose(product_of_alphas(schedule), schedule.alphas_cumprod[-1], rtol=1e-5)
+    # 50 float32 roundings of the product, 6e-8 each: 1e-5 relative.
+    chex.assert_trees_all_close(product_of_alphas(schedule), schedule.alphas_cumprod[-1], rtol=1e-5)
 
     def scan_step(carry, t):
         return carry, carry.betas[t]
 
     _, betas = jax.lax.scan(scan_step, schedule, jnp.arange(50))
-    np.testing.assert_array_equal(betas, schedule.betas)
+    chex.assert_trees_all_equal(betas, schedule.betas)
+
+
+class ScheduleUnderVariantsTest(chex.TestCase):
+    """The schedule as an argument of the jitted, the eager and the pmapped function alike."""
+
+    @chex.variants(with_jit=True, without_jit=True, with_pmap=True)
+    def test_gather_map_and_loop(self):
+        num_timesteps = 50
+        schedule = schedules.get_schedule("cosine", num_timesteps)
+        tab = ref.schedule_tables("cosine", num_timesteps)
+        t = np.array([0, 1, 7, 13, 25, 38, 48, 49], np.int32)  # one per device under pmap
+
+        def gather_map_and_loop(schedule, t):
+            # Static in every variant: a Python int, usable for shapes and loop bounds.
+            assert isinstance(schedule.num_timesteps, int)
+            roots = jax.tree.map(jnp.sqrt, schedule)
+
+            def body(i, carry):
+                sched, product = carry  # the schedule rides in the loop carry
+                return sched, product * jnp.where(i <= t, sched.alphas[i], 1.0)
+
+            init = (schedule, jnp.ones(t.shape, jnp.float32))
+            _, product = jax.lax.fori_loop(0, schedule.num_timesteps, body, init)
+            return schedule.alphas_cumprod[t], roots.alphas_cumprod[t], product
+
+        got = ref.call_variant(self.variant, gather_map_and_loop, schedule, jnp.asarray(t))
+        chex.assert_shape(got, (len(t),))
+        chex.assert_type(got, np.float32)
+        abar, sqrt_abar = tab["alphas_cumprod"][t], tab["sqrt_alphas_cumprod"][t]
+        # A gathered table is a float32 rounding (TABLE_RTOL); the root of one adds another.
+        # The loop's product of up to 50 float32 factors rounds 50 times: 1e-5 relative.
+        chex.assert_trees_all_close(got[0], abar, rtol=TABLE_RTOL)
+        chex.assert_trees_all_close(got[1], sqrt_abar, rtol=2 * TABLE_RTOL)
+        chex.assert_trees_all_close(got[2], abar, rtol=1e-5)
