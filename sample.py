@@ -5,7 +5,8 @@
 
 Writes ``grid.png`` and ``samples.npz`` (uint8 images, or float points for 2-D data with a
 ``scatter.png``), and with ``--individual`` one PNG per sample. The same ``--seed`` gives the
-same samples at any ``--batch_size`` and on any number of devices.
+same samples at any ``--batch_size`` and on any number of devices. A request the library
+refuses exits with status 2 and one ``error: ...`` line on stderr that names the flag.
 """
 
 import logging
@@ -29,18 +30,32 @@ flags.DEFINE_bool("individual", False, "Also write one PNG per sample.")
 flags.mark_flags_as_required(["workdir"])
 FLAGS = flags.FLAGS
 
+# evaluation.sampling's argument names -> these flags, for its error messages.
+FLAG_NAMES = {
+    "which": "--params",
+    "batch_size": "--batch_size",
+    "checkpoint_step": "--checkpoint_step",
+    "eta": "--eta",
+    "guidance": "--guidance",
+    "labels": "--labels",
+    "method": "--method",
+    "num": "--num",
+    "steps": "--steps",
+}
+
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.getLogger().setLevel(logging.INFO)
-    from diffusion_jax import _runtime
+    from diffusion_jax import _runtime, options
 
     _runtime.quiet_library_logs()
     _runtime.keep_freed_memory()  # this process is ours: keep freed heap pages (faster steps)
     import os
 
     from diffusion_jax.evaluation import sampling
+    from diffusion_jax.train.checkpoint import CheckpointError
 
     try:
         written = sampling.sample_from_workdir(
@@ -58,7 +73,10 @@ def main(argv):
             labels=FLAGS.labels,
             individual=FLAGS.individual,
         )
-    except (ValueError, FileNotFoundError) as err:
+    except options.ArgumentError as err:
+        print(f"error: {err.for_flags(FLAG_NAMES)}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     for kind, path in written.items():

@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 
+from diffusion_jax import options
 from diffusion_jax.data import digits
 from diffusion_jax.evaluation import __main__ as evaluate_cli
 from diffusion_jax.evaluation import digits_check, likelihood, runs
@@ -51,6 +52,10 @@ def test_cli_exit_code(tmp_path, held_out, capsys):
     assert "classes present: 10/10" in capsys.readouterr().out
     np.savez(path, images=np.zeros_like(images))
     assert evaluate_cli.main(["digits", "--samples", str(path), "--min_recognisable", "0.5"]) == 1
+    capsys.readouterr()
+    np.savez(path, x=np.zeros((4, 2), np.float32))  # sample.py's file for 2-D data
+    assert evaluate_cli.main(["digits", "--samples", str(path)]) == 2
+    assert "holds no 'images'" in capsys.readouterr().err
 
 
 def test_rejects_wrong_images():
@@ -172,6 +177,25 @@ def test_nll_does_not_depend_on_batch_size_or_devices():
     assert other_seed["transitions_bpd"] != results[0]["transitions_bpd"]
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "argument", "message"),
+    [
+        ({"num": 0}, "num", r"^num must lie in \[1, 3\]"),
+        ({"num": 4}, "num", r"^num must lie in \[1, 3\] \(the split's size\), got 4"),
+        ({"batch_size": 0}, "batch_size", "^batch_size must be >= 1, got 0"),
+    ],
+)
+def test_nll_of_source_errors_name_the_argument(kwargs, argument, message):
+    from diffusion_jax import schedules
+    from diffusion_jax.data.sources import ArraySource
+
+    source = ArraySource({"image": np.zeros((3, 4, 4, 1), np.uint8)})
+    schedule = schedules.get_schedule("linear", 10)
+    with pytest.raises(options.ArgumentError, match=message) as raised:
+        likelihood.nll_of_source(_half_model, None, schedule, source, **kwargs)
+    assert raised.value.argument == argument
+
+
 def test_nll_cli_prints_and_writes_the_bound(nll_workdir, capsys):
     # 40 examples in batches of 32: the second batch is padded.
     argv = ["nll", "--workdir", nll_workdir, "--num", "40", "--batch_size", "32"]
@@ -197,6 +221,16 @@ def test_nll_cli_prints_and_writes_the_bound(nll_workdir, capsys):
     assert f"{result['total_bpd']:.5f}" in total_line
     # Every term of a bound is non-negative, and L_T is ~0 for the cosine schedule.
     assert terms.min() >= 0 and 0 <= result["prior_bpd"] < 1e-3
+
+
+def test_nll_cli_names_its_flags_in_errors(nll_workdir, capsys):
+    argv = ["nll", "--workdir", nll_workdir, "--batch_size", "0"]
+    assert evaluate_cli.main(argv) == 2
+    assert capsys.readouterr().err == "error: --batch_size must be >= 1, got 0.\n"
+    assert evaluate_cli.main(["nll", "--workdir", nll_workdir, "--num", "1000"]) == 2
+    assert (
+        "error: --num must lie in [1, 297] (the split's size), got 1000." in capsys.readouterr().err
+    )
 
 
 def test_trained_model_scores_lower_than_its_initialisation(nll_workdir):
@@ -225,6 +259,10 @@ def test_nll_refuses_two_dimensional_data_and_missing_checkpoints(tmp_path, caps
 
     assert evaluate_cli.main(["nll", "--workdir", str(tmp_path / "nothing")]) == 2
     assert "No checkpoint" in capsys.readouterr().err
+    # An empty checkpoints/ folder: the checkpoint module's CheckpointError, no traceback.
+    os.makedirs(tmp_path / "empty" / "checkpoints")
+    assert evaluate_cli.main(["nll", "--workdir", str(tmp_path / "empty")]) == 2
+    assert capsys.readouterr().err.startswith("error: No checkpoint found in")
     workdir = str(tmp_path / "swissroll")
     config = h.swissroll(
         train__num_steps=2,

@@ -22,7 +22,7 @@ import pytest
 import scipy.linalg
 import trainer_helpers as h
 
-from diffusion_jax import data
+from diffusion_jax import data, options
 from diffusion_jax.evaluation import __main__ as evaluate_cli
 from diffusion_jax.evaluation import fid
 from diffusion_jax.models import inception
@@ -261,7 +261,7 @@ def test_missing_weights_say_where_to_get_them(monkeypatch, tmp_path):
     (tmp_path / "here.npz").write_bytes(b"")
     monkeypatch.setenv(fid.WEIGHTS_ENV, str(tmp_path / "here.npz"))
     assert fid.resolve_inception_weights() == str(tmp_path / "here.npz")
-    (tmp_path / "flag.npz").write_bytes(b"")  # the flag wins over the environment
+    (tmp_path / "flag.npz").write_bytes(b"")  # an explicit path wins over the environment
     assert fid.resolve_inception_weights(str(tmp_path / "flag.npz")) == str(tmp_path / "flag.npz")
 
 
@@ -363,3 +363,35 @@ def test_commands_report_missing_inputs(digits_workdir, tmp_path, monkeypatch, c
     argv = ["fid", "--workdir", str(digits_workdir), "--ref", str(tmp_path / "none.npz")]
     assert evaluate_cli.main(argv) == 2
     assert "ref-stats" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "argument", "message"),
+    [
+        ({"which": "best"}, "which", "^Unknown which 'best'"),
+        ({"method": "euler"}, "method", "^Unknown method 'euler'"),
+        ({"num": 1}, "num", "^num must be >= 2 for a covariance, got 1"),
+        ({"steps": 101}, "steps", r"^steps must lie in \[1, 100\] \(T of this model\)"),
+        ({"guidance": 2.0}, "guidance", "^guidance needs a class-conditional model"),
+    ],
+)
+def test_fid_errors_name_the_argument(
+    digits_workdir, weights_file, tmp_path, kwargs, argument, message
+):
+    stats = fid.save_statistics(str(tmp_path / "s.npz"), np.zeros(2048), np.eye(2048))
+    with pytest.raises(options.ArgumentError, match=message) as raised:
+        fid.fid_from_workdir(
+            str(digits_workdir), stats, inception_weights=weights_file, progress=False, **kwargs
+        )
+    assert raised.value.argument == argument
+
+
+def test_commands_name_their_flags_in_errors(digits_workdir, weights_file, tmp_path, capsys):
+    argv = ["fid", "--workdir", str(digits_workdir), "--ref", str(tmp_path / "none.npz")]
+    assert evaluate_cli.main([*argv, "--num", "1"]) == 2
+    assert capsys.readouterr().err == "error: --num must be >= 2 for a covariance, got 1.\n"
+    argv = ["ref-stats", "--dataset", "digits", "--out", str(tmp_path / "s.npz"), "--num", "1"]
+    assert evaluate_cli.main([*argv, "--inception_weights", weights_file]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: --num must lie in [2, 1500] (the split's size), got 1.\n"
+    assert not (tmp_path / "s.npz").exists()

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffusion_jax import plots
+from diffusion_jax import options, plots
 from diffusion_jax.evaluation import figures as run_figures
 from diffusion_jax.plots import __main__ as plots_cli
 
@@ -47,6 +47,18 @@ def test_noising_on_a_dataset_image_or_the_synthetic_one(tmp_path):
     _assert_png_not_blank(out, min_size=(1200, 600))
     with pytest.raises(ValueError, match="not images"):
         plots.dataset_image("swissroll")
+    with pytest.raises(options.ArgumentError, match=r"^index must lie in \[0, 1499\]") as raised:
+        plots.dataset_image("digits", index=1500)
+    assert raised.value.argument == "index"
+
+
+def test_command_line_errors_name_its_flags(tmp_path, capsys):
+    argv = ["noising", "--out", str(tmp_path / "x.png"), "--index", "-1"]
+    assert plots_cli.main(argv) == 2
+    assert capsys.readouterr().err == "error: --index must lie in [0, 1499], got -1.\n"
+    argv = ["loss", "--workdir", str(tmp_path / "none"), "--out", str(tmp_path / "x.png")]
+    assert plots_cli.main(argv) == 2
+    assert capsys.readouterr().err.startswith("error: No training losses in")
 
 
 # ----------------------------------------------------------------------------- from a workdir
@@ -119,6 +131,30 @@ def test_samples_figure_of_points(swissroll_workdir, tmp_path):
     argv = ["samples", "--workdir", swissroll_workdir, "--out", str(out), "--num", "256"]
     assert plots_cli.main([*argv, "--steps", "10"]) == 0
     _assert_png_not_blank(out, min_size=(600, 600))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "argument", "message"),
+    [
+        ({"steps": 0}, "steps", r"^steps must lie in \[1, 100\]"),
+        ({"frames": 0}, "frames", "^frames must be >= 1, got 0"),
+        ({"num": 0}, "num", "^num must be >= 1, got 0"),
+        ({"method": "euler"}, "method", "^Unknown method 'euler'"),
+        ({"which": "best"}, "which", "^Unknown which 'best'"),
+    ],
+)
+def test_trajectory_errors_name_the_argument(digits_workdir, tmp_path, kwargs, argument, message):
+    with pytest.raises(options.ArgumentError, match=message) as raised:
+        run_figures.plot_trajectory(digits_workdir, str(tmp_path / "x.png"), **kwargs)
+    assert raised.value.argument == argument
+
+
+def test_samples_command_names_its_flags_in_errors(digits_workdir, tmp_path, capsys):
+    argv = ["samples", "--workdir", digits_workdir, "--out", str(tmp_path / "x.png")]
+    assert plots_cli.main([*argv, "--steps", "101"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: --steps must lie in [1, 100] (T of this model), got 101.\n"
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_workdir_figures_need_a_workdir(tmp_path):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import trainer_helpers as h
 
-from diffusion_jax import train
+from diffusion_jax import options, train
 from diffusion_jax.evaluation import sampling
 
 
@@ -87,28 +87,54 @@ def test_guided_conditional_sampling(moons_workdir, tmp_path):
     samples = np.load(written["npz"])["x"]
     assert samples.shape == (16, 2) and np.isfinite(samples).all()
     assert written["grid"].endswith("scatter.png")
-    with pytest.raises(ValueError, match=r"out of range: the model has classes 0\.\.1"):
+    with pytest.raises(options.ArgumentError, match=r"out of range: the model has classes 0\.\.1"):
         sampling.sample_from_workdir(
             str(moons_workdir), out=str(tmp_path / "x"), num=4, labels="0,2", progress=False
         )
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "error", "message"),
+    ("text", "message"),
     [
-        ({"method": "euler"}, ValueError, "Unknown method .euler.; expected one of"),
-        ({"steps": 51}, ValueError, r"--steps must lie in \[1, 50\]"),
-        ({"steps": 0}, ValueError, "--steps must lie in"),
-        ({"checkpoint_step": 7}, ValueError, "No checkpoint at step 7"),
-        ({"labels": "1"}, ValueError, "not class-conditional"),
-        ({"guidance": 2.0}, ValueError, "--guidance needs --labels"),
-        ({"which": "best"}, ValueError, "Unknown params .best.; expected one of"),
+        ("0,x", "labels must be comma-separated integers, got '0,x'"),
+        ("{0}", "labels must be comma-separated integers, got '{0}'"),
+        (",", "labels is empty"),
+        ("3,-1", r"labels \[3, -1\] out of range"),
     ],
 )
-def test_bad_requests_are_clear_errors(swiss_workdir, tmp_path, kwargs, error, message):
-    with pytest.raises(error, match=message):
+def test_parse_labels_errors_name_the_argument(text, message):
+    with pytest.raises(options.ArgumentError, match=message) as raised:
+        sampling.parse_labels(text, 4, num_classes=3)
+    assert raised.value.argument == "labels"
+    assert raised.value.for_flags({"labels": "--labels"}).startswith("--labels ")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "argument", "message"),
+    [
+        ({"method": "euler"}, "method", "Unknown method .euler.; expected one of"),
+        ({"num": 0}, "num", "num must be >= 1, got 0"),
+        ({"batch_size": -1}, "batch_size", "batch_size must be >= 1, got -1"),
+        ({"steps": 51}, "steps", r"^steps must lie in \[1, 50\]"),
+        ({"steps": 0}, "steps", "^steps must lie in"),
+        ({"labels": "1"}, "labels", "^labels given, but the model is not class-conditional"),
+        ({"guidance": 2.0}, "guidance", "^guidance needs labels"),
+        ({"which": "best"}, "which", "Unknown which .best.; expected one of"),
+    ],
+)
+def test_bad_arguments_are_errors_naming_them(swiss_workdir, tmp_path, kwargs, argument, message):
+    with pytest.raises(options.ArgumentError, match=message) as raised:
         sampling.sample_from_workdir(
-            str(swiss_workdir), out=str(tmp_path / "x"), num=4, progress=False, **kwargs
+            str(swiss_workdir), out=str(tmp_path / "x"), progress=False, **{"num": 4, **kwargs}
+        )
+    assert raised.value.argument == argument
+    assert "--" not in str(raised.value)  # the library's words, not a command line's
+
+
+def test_missing_checkpoint_step_is_a_clear_error(swiss_workdir, tmp_path):
+    with pytest.raises(ValueError, match="No checkpoint at step 7"):
+        sampling.sample_from_workdir(
+            str(swiss_workdir), out=str(tmp_path / "x"), checkpoint_step=7, progress=False
         )
 
 
@@ -144,3 +170,10 @@ def test_sample_py_command_line(swiss_workdir, tmp_path):
     assert (out / "samples.npz").exists() and (out / "scatter.png").stat().st_size > 1000
     failed = h.run([h.sys.executable, str(h.REPO / "sample.py"), f"--workdir={tmp_path}/none"])
     assert failed.returncode == 2 and "No checkpoint in" in failed.stderr
+    # The library's ArgumentError about `steps`, worded with this command line's flag.
+    refused = h.run(
+        [h.sys.executable, str(h.REPO / "sample.py"), f"--workdir={swiss_workdir}", "--steps=51"]
+    )
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert "error: --steps must lie in [1, 50]" in refused.stderr
+    assert "Traceback" not in refused.stderr

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from diffusion_jax import _runtime, data
+from diffusion_jax import _runtime, data, options
 from diffusion_jax.evaluation import sampling
 from diffusion_jax.evaluation.inception_weights import (
     TORCH_WEIGHTS_URL,
@@ -283,6 +283,11 @@ def ref_stats(
     Returns:
       ``{"out", "num", "inception_score", "inception_score_std"}`` (the data's own IS, in
       10 splits, or one per 100 images below 1000).
+
+    Raises:
+      ArgumentError: ``num`` outside [2, the split's size].
+      FileNotFoundError: no Inception weights file.
+      ValueError: ``dataset`` holds no images.
     """
     variables = load_inception_variables(inception_weights)
     info, source = data.open_split(dataset, split=split, data_dir=data_dir)
@@ -290,7 +295,9 @@ def ref_stats(
         raise ValueError(f"FID needs images; {dataset!r} holds {info.kind} data.")
     num = len(source) if num is None else num
     if not 2 <= num <= len(source):
-        raise ValueError(f"--num must lie in [2, {len(source)}] (the split's size), got {num}.")
+        raise options.ArgumentError(
+            "num", f"{{name}} must lie in [2, {len(source)}] (the split's size), got {num}."
+        )
     # Reading batches must tile the first `num` examples exactly (the pipeline drops partial
     # batches); the Inception batch is separate and padded.
     read_batch = _largest_divisor(num, max(batch_size, 1000))
@@ -339,7 +346,7 @@ def fid_from_workdir(
     steps: int | None = 50,
     eta: float = 0.0,
     seed: int = 0,
-    params: str = "ema",
+    which: options.ParamsChoice = "ema",
     checkpoint_step: int | None = None,
     guidance: float | None = None,
     inception_weights: str | None = None,
@@ -352,30 +359,37 @@ def fid_from_workdir(
     The samples are those ``sample.py`` draws with the same flags (a function of seed and
     index), rounded to uint8 as written to disk; a class-conditional model gets labels
     ``i % num_classes``. IS is over 10 splits (one per 100 samples below 1000). The result is
-    also written to ``WORKDIR/eval/fid_{params}_{method}{steps}_n{num}_seed{seed}.json``.
+    also written to ``WORKDIR/eval/fid_{which}_{method}{steps}_n{num}_seed{seed}.json``.
 
     Args:
       workdir: a training workdir with ``checkpoints/``.
       ref_stats_path: statistics from :func:`ref_stats` (or pytorch-fid's / TTUR's).
-      num, batch_size, method, steps, eta, seed, checkpoint_step, guidance: as in sample.py.
-      params: ``"ema"`` or ``"raw"``.
+      num, batch_size, method, steps, eta, seed, which, checkpoint_step, guidance: as in
+        :func:`diffusion_jax.evaluation.sampling.sample_from_workdir` (``which``: ``"ema"`` or
+        ``"raw"`` parameters; ``num`` >= 2).
       inception_weights: converted weights (default ``$DIFFUSION_JAX_INCEPTION_WEIGHTS``).
       inception_batch_size: images per Inception call.
       progress: show progress bars.
 
     Returns:
-      ``{"fid", "inception_score", "inception_score_std", "num", "step", ...settings, "json"}``.
+      ``{"fid", "inception_score", "inception_score_std", "num", "step", ...settings, "json"}``
+      (the parameter choice under ``"params"``).
+
+    Raises:
+      ArgumentError: a bad ``which``, ``method``, ``num``, ``steps`` or ``guidance``;
+        ``str(error)`` names the argument.
+      FileNotFoundError: no reference statistics, Inception weights or checkpoint.
+      ValueError: the run's data are not images.
     """
-    if params not in ("ema", "raw"):
-        raise ValueError(f"--params must be 'ema' or 'raw', got {params!r}.")
+    options.check("params", which, label="which")
     sampling.check_method(method)
     if num < 2:
-        raise ValueError(f"--num must be >= 2 for a covariance, got {num}.")
+        raise options.ArgumentError("num", f"{{name}} must be >= 2 for a covariance, got {num}.")
     # Fail on missing inputs before sampling for hours.
     ref_mu, ref_sigma = load_statistics(ref_stats_path)
     variables = load_inception_variables(inception_weights)
 
-    run = restore_run(workdir, which=params, checkpoint_step=checkpoint_step)
+    run = restore_run(workdir, which=which, checkpoint_step=checkpoint_step)
     config, info = run.config, run.info
     steps = sampling.resolve_steps(run, steps)
     if info.kind != "image":
@@ -383,7 +397,9 @@ def fid_from_workdir(
     conditional = bool(config.model.class_conditional)
     labels = np.arange(num, dtype=np.int32) % info.num_classes if conditional else None
     if guidance is not None and labels is None:
-        raise ValueError("--guidance needs a class-conditional model.")
+        raise options.ArgumentError(
+            "guidance", "{name} needs a class-conditional model; this run's is unconditional."
+        )
     start = time.time()
     samples = sampling.generate_from_run(
         run,
@@ -408,7 +424,7 @@ def fid_from_workdir(
         "inception_score_std": score_std,
         "num": num,
         "step": run.step,
-        "params": params,
+        "params": which,
         "method": method,
         "steps": steps,
         "eta": eta,
@@ -417,7 +433,7 @@ def fid_from_workdir(
         "ref": os.path.abspath(ref_stats_path),
         "sampling_seconds": round(sampling_seconds, 1),
     }
-    name = f"fid_{params}_{method}{steps}_n{num}_seed{seed}.json"
+    name = f"fid_{which}_{method}{steps}_n{num}_seed{seed}.json"
     result["json"] = os.path.join(workdir, "eval", name)
     if jax.process_index() == 0:
         os.makedirs(os.path.dirname(result["json"]), exist_ok=True)

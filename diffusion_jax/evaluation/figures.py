@@ -10,10 +10,10 @@ import os
 import jax
 import numpy as np
 
-from diffusion_jax import samplers
+from diffusion_jax import options, samplers
 from diffusion_jax.data import toy
 from diffusion_jax.evaluation.runs import restore_run
-from diffusion_jax.evaluation.sampling import generate_from_run
+from diffusion_jax.evaluation.sampling import check_method, generate_from_run, resolve_steps
 from diffusion_jax.plots import image_grid, plot_points, pyplot, save_figure
 from diffusion_jax.train import metrics, sharding
 from diffusion_jax.train.generate import to_uint8
@@ -43,7 +43,7 @@ def plot_trajectory(
     num: int | None = None,
     frames: int = 8,
     seed: int = 0,
-    which: str = "ema",
+    which: options.ParamsChoice = "ema",
     checkpoint_step: int | None = None,
 ) -> str:
     """Draws a checkpoint's reverse process from noise to sample, predicted x0 beside x_t.
@@ -66,9 +66,14 @@ def plot_trajectory(
 
     Returns:
       ``out``.
+
+    Raises:
+      ArgumentError: a bad ``method``, ``steps``, ``num``, ``frames`` or ``which``.
+      FileNotFoundError, CheckpointError: as :func:`~diffusion_jax.evaluation.runs.restore_run`.
     """
+    check_method(method)
     if frames < 1:
-        raise ValueError(f"frames must be >= 1, got {frames}.")
+        raise options.ArgumentError("frames", f"{{name}} must be >= 1, got {frames}.")
     # A handful of examples: one device, no resharding of the whole loop.
     run = restore_run(
         workdir,
@@ -76,10 +81,11 @@ def plot_trajectory(
         checkpoint_step=checkpoint_step,
         mesh=sharding.make_mesh(jax.local_devices()[:1]),
     )
+    steps = resolve_steps(run, steps)
     is_image = run.info.kind == "image"
     num = (8 if is_image else 1000) if num is None else num
     if num < 1:
-        raise ValueError(f"num must be >= 1, got {num}.")
+        raise options.ArgumentError("num", f"{{name}} must be >= 1, got {num}.")
     labels = _run_labels(run, num)
     d = run.config.diffusion
     trajectory = samplers.sample(
@@ -251,7 +257,7 @@ def plot_samples(
     method: str = "ddim",
     steps: int = 50,
     seed: int = 0,
-    which: str = "ema",
+    which: options.ParamsChoice = "ema",
     checkpoint_step: int | None = None,
 ) -> str:
     """Draws a checkpoint's samples: a grid of images, or 2-D samples over the data.
@@ -270,12 +276,18 @@ def plot_samples(
 
     Returns:
       ``out``.
+
+    Raises:
+      ArgumentError: a bad ``method``, ``steps``, ``num`` or ``which``.
+      FileNotFoundError, CheckpointError: as :func:`~diffusion_jax.evaluation.runs.restore_run`.
     """
+    check_method(method)
     run = restore_run(workdir, which=which, checkpoint_step=checkpoint_step)
+    steps = resolve_steps(run, steps)
     is_image = run.info.kind == "image"
     num = (64 if is_image else 1000) if num is None else num
     if num < 1:
-        raise ValueError(f"num must be >= 1, got {num}.")
+        raise options.ArgumentError("num", f"{{name}} must be >= 1, got {num}.")
     samples = generate_from_run(
         run,
         num=num,

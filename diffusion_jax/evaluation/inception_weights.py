@@ -2,7 +2,8 @@
 
 The weights are pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth``, converted once (with
 torch) to an ``.npz`` of the Flax port's variables; nothing is downloaded at run time. The file
-is named by ``--inception_weights`` or ``$DIFFUSION_JAX_INCEPTION_WEIGHTS``.
+is named by the ``inception_weights`` argument (``--inception_weights`` on the command line) or
+by ``$DIFFUSION_JAX_INCEPTION_WEIGHTS``.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ __all__ = [
 ]
 
 WEIGHTS_ENV = "DIFFUSION_JAX_INCEPTION_WEIGHTS"
-"""Environment variable naming the converted weights file (``--inception_weights`` wins)."""
+"""Environment variable naming the converted weights file (an explicit path wins)."""
 
 TORCH_WEIGHTS_URL = (
     "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
@@ -47,7 +48,8 @@ def _weights_help() -> str:
         "then, with torch installed (pip install -e '.[compare]'), convert it:\n"
         "  python -m diffusion_jax.evaluation convert-inception "
         "--pth pt_inception-2015-12-05-6726825d.pth --out fid_inception.npz\n"
-        f"and pass --inception_weights fid_inception.npz or set {WEIGHTS_ENV}."
+        "and pass that file as inception_weights (--inception_weights on the command line) or "
+        f"set {WEIGHTS_ENV}."
     )
 
 
@@ -58,7 +60,7 @@ def resolve_inception_weights(path: str | os.PathLike | None = None) -> str:
       FileNotFoundError: neither given, or the file does not exist; the message says how to
         produce it.
     """
-    source = "--inception_weights" if path else WEIGHTS_ENV
+    source = "inception_weights" if path else f"${WEIGHTS_ENV}"
     path = path or os.environ.get(WEIGHTS_ENV)
     if not path:
         raise FileNotFoundError(f"No Inception weights given.\n{_weights_help()}")

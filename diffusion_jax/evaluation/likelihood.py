@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from diffusion_jax import _runtime, data, losses
+from diffusion_jax import _runtime, data, losses, options
 from diffusion_jax.data import resize_and_center_crop
 from diffusion_jax.evaluation.runs import restore_run
 from diffusion_jax.train import sharding
@@ -115,7 +115,8 @@ def nll_of_source(
       over the examples.
 
     Raises:
-      ValueError: a source without uint8 images, or a bad ``num`` / ``batch_size``.
+      ArgumentError: a bad ``num`` or ``batch_size``.
+      ValueError: a source without uint8 images.
 
     Example:
       >>> _, source = data.open_split("digits", split="test")  # doctest: +SKIP
@@ -124,9 +125,11 @@ def nll_of_source(
     total = len(source)
     num = total if num is None else num
     if not 1 <= num <= total:
-        raise ValueError(f"num must lie in [1, {total}] (the split's size), got {num}.")
+        raise options.ArgumentError(
+            "num", f"{{name}} must lie in [1, {total}] (the split's size), got {num}."
+        )
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        raise options.ArgumentError("batch_size", f"{{name}} must be >= 1, got {batch_size}.")
     mesh = sharding.make_mesh() if mesh is None else mesh
     batch_size = -(-min(batch_size, num) // mesh.size) * mesh.size
     batch_sharding = sharding.data_sharding(mesh)
@@ -206,7 +209,7 @@ def nll_from_workdir(
     split: str = "test",
     num: int | None = None,
     batch_size: int = 64,
-    which: str = "ema",
+    which: options.ParamsChoice = "ema",
     checkpoint_step: int | None = None,
     seed: int = 0,
     clip_x0: bool | None = None,
@@ -214,7 +217,8 @@ def nll_from_workdir(
     write: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """``evaluate nll``'s job: the bound of a checkpoint on a dataset split, in bits/dim.
+    """``python -m diffusion_jax.evaluation nll``'s job: the bound of a checkpoint on a dataset
+    split, in bits/dim.
 
     Args:
       workdir: a training run's directory.
@@ -236,7 +240,9 @@ def nll_from_workdir(
       ``conditional``, ``notes`` and, when written, ``json_path``.
 
     Raises:
+      ArgumentError: a bad ``which``, ``num`` or ``batch_size``; ``str(error)`` names it.
       ValueError: 2-D (vector) data, whose continuous values have no discretised decoder.
+      FileNotFoundError, CheckpointError: as :func:`~diffusion_jax.evaluation.runs.restore_run`.
 
     Example:
       >>> result = nll_from_workdir("workdirs/digits", split="test", num=1000)  # doctest: +SKIP

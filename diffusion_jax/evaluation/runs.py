@@ -42,7 +42,7 @@ class Run(NamedTuple):
     schedule: Any  # schedules.Schedule
     params: Any  # the restored parameters, replicated over ``mesh``
     step: int  # the checkpoint's step
-    which: str  # "ema" or "raw"
+    which: options.ParamsChoice  # "ema" or "raw"
     mesh: Any  # jax.sharding.Mesh the params live on
 
 
@@ -71,10 +71,12 @@ def restore_run(
       A :class:`Run`.
 
     Raises:
+      ArgumentError: ``which`` is neither ``"ema"`` nor ``"raw"``.
       FileNotFoundError: the workdir has no checkpoint.
-      ValueError: a bad ``which`` or a ``checkpoint_step`` that does not exist.
+      ValueError: a ``checkpoint_step`` that does not exist.
+      diffusion_jax.train.checkpoint.CheckpointError: no checkpoint of the workdir is readable.
     """
-    options.check("params", which)
+    options.check("params", which, label="which")
     ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
     if not os.path.isdir(ckpt_dir):
         raise FileNotFoundError(f"No checkpoint in {ckpt_dir}: train a model there first.")

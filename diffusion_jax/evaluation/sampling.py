@@ -28,17 +28,22 @@ __all__ = [
 
 
 def check_method(method: str) -> None:
-    """A ValueError naming the sampler methods when ``method`` is not one of them."""
+    """An :class:`~diffusion_jax.options.ArgumentError` about ``method``, naming the sampler
+    methods, when ``method`` is not one of them."""
     options.check("method", method)
 
 
 def resolve_steps(run: Run, steps: int | None) -> int:
-    """The sampler steps for ``run``'s model: ``None`` means all T; others must lie in [1, T]."""
+    """The sampler steps for ``run``'s model: ``None`` means all T; others must lie in [1, T].
+
+    Raises:
+      ArgumentError: about ``steps``, outside [1, T].
+    """
     num_timesteps = run.config.diffusion.num_timesteps
     steps = num_timesteps if steps is None else steps
     if not 1 <= steps <= num_timesteps:
-        raise ValueError(
-            f"--steps must lie in [1, {num_timesteps}] (T of this model), got {steps}."
+        raise options.ArgumentError(
+            "steps", f"{{name}} must lie in [1, {num_timesteps}] (T of this model), got {steps}."
         )
     return steps
 
@@ -59,8 +64,13 @@ def generate_from_run(
     """:func:`generate` with a restored :class:`Run`'s model, params and mesh.
 
     ``batch_size`` (default ``min(num, 64)``) is rounded up to a multiple of the device count.
+
+    Raises:
+      ArgumentError: ``batch_size`` < 1.
     """
-    batch_size = batch_size or min(num, 64)
+    if batch_size is not None and batch_size < 1:
+        raise options.ArgumentError("batch_size", f"{{name}} must be >= 1, got {batch_size}.")
+    batch_size = min(num, 64) if batch_size is None else batch_size
     batch_size = -(-batch_size // run.mesh.size) * run.mesh.size
     return generate(
         run.config,
@@ -84,21 +94,32 @@ def generate_from_run(
 
 
 def parse_labels(text: str | None, num: int, num_classes: int | None) -> np.ndarray | None:
-    """``"0,1,2"`` -> labels repeated to ``num``; validated against ``num_classes`` on the host."""
+    """``"0,1,2"`` -> labels repeated to ``num``; validated against ``num_classes`` on the host.
+
+    Raises:
+      ArgumentError: about ``labels``: given to an unconditional model (``num_classes`` None),
+        not comma-separated integers, empty, or outside ``[0, num_classes)``.
+    """
     if not text:
         return None
     if not num_classes:
-        raise ValueError("--labels given, but the model is not class-conditional.")
+        raise options.ArgumentError(
+            "labels", "{name} given, but the model is not class-conditional."
+        )
     try:
         values = np.array([int(v) for v in text.split(",") if v.strip()], np.int32)
     except ValueError:
-        raise ValueError(f"--labels must be comma-separated integers, got {text!r}.") from None
+        shown = repr(text).replace("{", "{{").replace("}", "}}")
+        raise options.ArgumentError(
+            "labels", f"{{name}} must be comma-separated integers, got {shown}."
+        ) from None
     if values.size == 0:
-        raise ValueError("--labels is empty.")
+        raise options.ArgumentError("labels", "{name} is empty.")
     bad = values[(values < 0) | (values >= num_classes)]
     if bad.size:
-        raise ValueError(
-            f"--labels {bad.tolist()} out of range: the model has classes 0..{num_classes - 1}."
+        raise options.ArgumentError(
+            "labels",
+            f"{{name}} {bad.tolist()} out of range: the model has classes 0..{num_classes - 1}.",
         )
     return np.resize(values, num)
 
@@ -113,7 +134,7 @@ def sample_from_workdir(
     steps: int | None = 50,
     eta: float = 0.0,
     seed: int = 0,
-    which: str = "ema",
+    which: options.ParamsChoice = "ema",
     checkpoint_step: int | None = None,
     guidance: float | None = None,
     labels: str | None = None,
@@ -124,12 +145,32 @@ def sample_from_workdir(
 
     Only the chosen parameters are restored (no random initialisation, no optimiser state).
 
+    Args:
+      workdir: a training run's directory (with ``checkpoints/``).
+      out: the directory to write into.
+      num: number of samples.
+      batch_size: samples per compiled call (default ``min(num, 64)``).
+      method, steps, eta: the sampler (``steps=None``: all T steps).
+      seed: the samples are a function of (seed, index) alone.
+      which: ``"ema"`` or ``"raw"`` parameters.
+      checkpoint_step: the checkpoint to read; None for the newest readable one.
+      guidance: classifier-free guidance weight (needs ``labels``), or None.
+      labels: comma-separated class labels, repeated to ``num``; a class-conditional model
+        without them gets ``i % num_classes``.
+      individual: also write one PNG per sample (images only).
+      progress: show a progress bar over batches.
+
     Returns:
       The paths written, by kind (``grid``, ``npz``, ``images``).
+
+    Raises:
+      ArgumentError: a bad ``method``, ``num``, ``steps``, ``which``, ``labels`` or
+        ``guidance``; ``str(error)`` names the argument.
+      FileNotFoundError, ValueError, CheckpointError: as :func:`restore_run` raises them.
     """
     check_method(method)
     if num < 1:
-        raise ValueError(f"--num must be >= 1, got {num}.")
+        raise options.ArgumentError("num", f"{{name}} must be >= 1, got {num}.")
     run = restore_run(workdir, which=which, checkpoint_step=checkpoint_step)
     config, info = run.config, run.info
     steps = resolve_steps(run, steps)
@@ -137,7 +178,9 @@ def sample_from_workdir(
     conditional = bool(config.model.class_conditional)
     label_array = parse_labels(labels, num, info.num_classes if conditional else None)
     if guidance is not None and label_array is None:
-        raise ValueError("--guidance needs --labels (classifier-free guidance is conditional).")
+        raise options.ArgumentError(
+            "guidance", "{name} needs labels to guide towards (the guidance is class-conditional)."
+        )
     if conditional and label_array is None:
         label_array = np.arange(num, dtype=np.int32) % info.num_classes
     samples = generate_from_run(

@@ -8,7 +8,8 @@
 - ``loss --workdir DIR``: the training curves of ``metrics.jsonl``;
 - ``samples --workdir DIR [--num 64]``: a sample grid (2-D data: samples over the data).
 
-The last three read a training run (:mod:`diffusion_jax.evaluation.figures`).
+The last three read a training run (:mod:`diffusion_jax.evaluation.figures`). A request the
+library refuses exits with status 2 and one ``error: ...`` line on stderr that names the flag.
 """
 
 from __future__ import annotations
@@ -20,9 +21,23 @@ from collections.abc import Sequence
 import numpy as np
 
 from diffusion_jax.evaluation.figures import plot_loss, plot_samples, plot_trajectory
+from diffusion_jax.options import ArgumentError
 from diffusion_jax.plots.figures import dataset_image, plot_noising, plot_schedules
+from diffusion_jax.train.checkpoint import CheckpointError
 
 WORKDIR_FIGURES = ("trajectory", "loss", "samples")
+
+FLAGS = {
+    "which": "--params",
+    "checkpoint_step": "--checkpoint_step",
+    "frames": "--frames",
+    "index": "--index",
+    "method": "--method",
+    "num": "--num",
+    "num_timesteps": "--num_timesteps",
+    "steps": "--steps",
+}
+"""The library's argument names -> the flags of this command line, for error messages."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -58,6 +73,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.name in WORKDIR_FIGURES and not args.workdir:
         parser.error(f"{args.name} needs --workdir")
+    try:
+        path = _draw(args)
+    except ArgumentError as err:
+        print(f"error: {err.for_flags(FLAGS)}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
+def _draw(args: argparse.Namespace) -> str:
+    """Draws the figure ``args.name`` and returns the path written."""
     sampling = dict(
         method=args.method,
         steps=args.steps,
@@ -66,23 +95,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         checkpoint_step=args.checkpoint_step,
     )
     if args.name == "schedules":
-        path = plot_schedules(args.out, num_timesteps=args.num_timesteps)
-    elif args.name == "noising":
+        return plot_schedules(args.out, num_timesteps=args.num_timesteps)
+    if args.name == "noising":
         steps = np.linspace(0, args.num_timesteps - 1, 8).round().astype(int).tolist()
         image = None
         if args.dataset != "synthetic":
             image = dataset_image(args.dataset, args.index, data_dir=args.data_dir)
-        path = plot_noising(
+        return plot_noising(
             args.out, image=image, num_timesteps=args.num_timesteps, timesteps=steps
         )
-    elif args.name == "trajectory":
-        path = plot_trajectory(args.workdir, args.out, num=args.num, frames=args.frames, **sampling)
-    elif args.name == "loss":
-        path = plot_loss(args.workdir, args.out)
-    else:
-        path = plot_samples(args.workdir, args.out, num=args.num, **sampling)
-    print(f"wrote {path}")
-    return 0
+    if args.name == "trajectory":
+        return plot_trajectory(args.workdir, args.out, num=args.num, frames=args.frames, **sampling)
+    if args.name == "loss":
+        return plot_loss(args.workdir, args.out)
+    return plot_samples(args.workdir, args.out, num=args.num, **sampling)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import data, diffusion
+from diffusion_jax import data, diffusion, options
 from diffusion_jax import schedules as schedules_lib
 
 __all__ = [
@@ -108,13 +108,16 @@ def dataset_image(
       float32 ``[H, W, C]`` in [-1, 1].
 
     Raises:
-      ValueError: a dataset of 2-D points, or an index outside the split.
+      ArgumentError: ``index`` outside the split.
+      ValueError: a dataset of 2-D points.
     """
     info, source = data.open_split(name, split=split, data_dir=data_dir)
     if info.kind != "image":
         raise ValueError(f"Dataset {name!r} holds {info.kind} data, not images.")
     if not 0 <= index < len(source):
-        raise ValueError(f"index must lie in [0, {len(source) - 1}], got {index}.")
+        raise options.ArgumentError(
+            "index", f"{{name}} must lie in [0, {len(source) - 1}], got {index}."
+        )
     image = np.asarray(source.read(np.array([index]))["image"][0], np.float32)
     return image / 127.5 - 1.0
 

@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from diffusion_jax import _runtime, plots, samplers
+from diffusion_jax import _runtime, options, plots, samplers
 from diffusion_jax.data import toy
 from diffusion_jax.models import make_model_fn
 from diffusion_jax.train import sharding
@@ -76,11 +76,16 @@ def generate(
 
     Returns:
       float32 ``[num, *data_shape]``.
+
+    Raises:
+      ArgumentError: ``batch_size`` is not a positive multiple of the mesh size.
     """
     mesh = sharding.make_mesh() if mesh is None else mesh
-    if batch_size % mesh.size:
-        raise ValueError(
-            f"batch_size {batch_size} must be a multiple of the number of devices ({mesh.size})."
+    if batch_size < 1 or batch_size % mesh.size:
+        raise options.ArgumentError(
+            "batch_size",
+            f"{{name}} must be a positive multiple of the number of devices ({mesh.size}), "
+            f"got {batch_size}.",
         )
     d = config.diffusion
     model_fn = make_model_fn(model, train=False)
