@@ -3,12 +3,12 @@
 Command (the README's `make demo` runs it):
   python train.py --config configs/digits.py --workdir workdirs/digits
 
-Expect (measured 2026-11-25 on 2 CPU cores with other jobs running): the dataset prepared
-offline on first use (1,500 train / 297 test images); 3,000 steps in about 5 minutes at 11-13
-steps/s; a training loss near 0.13 and a held-out loss near 0.12; sample grids of recognisable
-digits in workdirs/digits/samples/. `python -m diffusion_jax.evaluation digits` on 100 DDIM-50
-samples: 76% recognisable, all 10 classes (real held-out digits score 86%). Its bits/dim describe
-a 17-level source stored as 8 bits and compare with no published figure.
+Expect: the dataset prepared offline on first use (1,500 train / 297 test images); 3,000 steps
+in about 5 minutes on 2 CPU cores; a training loss near 0.13 and a held-out loss near 0.12;
+sample grids of recognisable digits in workdirs/digits/samples/. `python -m
+diffusion_jax.evaluation digits` on 100 DDIM-50 samples: about three in four recognisable, all
+10 classes (real held-out digits: 86%). Its bits/dim describe a 17-level source stored as 8 bits
+and compare with no published figure. (benchmarks/README.md has the measurements.)
 """
 
 from diffusion_jax.train import defaults as default_lib

@@ -12,7 +12,7 @@ host-process settings of the command-line tools.
   program: use ``diffusion_jax.jit`` in its place to compile them the same way.
 * :func:`keep_freed_memory` (``train.py`` and ``sample.py`` only: they own their process) stops
   glibc from handing freed heap pages back to the kernel after every compiled step
-  (``benchmarks/README.md``, "heap setting").
+  (``benchmarks/README.md``, "Keeping freed memory in the heap").
 * :func:`quiet_library_logs` drops orbax's and TFDS's INFO lines from the CLIs' logs.
 """
 

@@ -1,8 +1,10 @@
 """``sample.py``'s job: samples from a trained run's checkpoint, written as images or points.
 
 Example ``i`` of a run always gets the noise of run-wide index ``i``, so the same seed gives the
-same samples whatever the batch size or device count (:func:`diffusion_jax.train.generate.
-generate`).
+same samples whatever the batch size or device count
+(:func:`diffusion_jax.train.generate.generate`). Bad requests raise
+:class:`~diffusion_jax.options.ArgumentError` naming the argument; ``sample.py`` renders it with
+its flags.
 """
 
 from __future__ import annotations

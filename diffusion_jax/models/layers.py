@@ -1,9 +1,9 @@
 """Building blocks shared by the denoisers: timestep embedding, resampling, GroupNorm.
 
-Each is written in the formulation XLA:CPU runs fastest, without changing the math (figures in
-``benchmarks/unet_formulations.py``): the backward pass of ``jax.image.resize`` (nearest, x2)
-is ~10x slower than that of the broadcast+reshape here, and ``flax.linen.GroupNorm`` runs
-~2x slower (forward and backward) than :class:`GroupNorm`, which reduces over the pixels first.
+Each is written in the formulation XLA:CPU runs fastest, without changing the math: nearest
+upsampling as broadcast+reshape (``jax.image.resize``'s backward pass is far slower), and a
+:class:`GroupNorm` that reduces over the pixels first (in place of ``flax.linen.GroupNorm``).
+The figures: ``benchmarks/README.md``, "U-Net formulations".
 """
 
 import math
@@ -100,7 +100,7 @@ class GroupNorm(nn.Module):
     The same function and parameters (``scale`` and ``bias``, shape ``[C]``) as
     ``flax.linen.GroupNorm(num_groups, epsilon=epsilon, dtype=jnp.float32)`` with its default
     one-pass variance ``E[x^2] - E[x]^2``; the statistics are reduced per channel over the
-    pixels first, then per group, which XLA:CPU runs ~2x faster and compiles faster.
+    pixels first, then per group, which XLA:CPU runs and compiles faster (module docstring).
 
     Attributes:
       num_groups: number of groups; must divide the channel count.
