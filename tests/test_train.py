@@ -16,7 +16,7 @@ import pytest
 import trainer_helpers as h
 
 from diffusion_jax import data as data_lib
-from diffusion_jax import train
+from diffusion_jax import options, train
 from diffusion_jax.train import checkpoint
 from diffusion_jax.train import config as config_lib
 from diffusion_jax.train import loop as train_loop
@@ -66,8 +66,11 @@ def test_resume_continues_and_truncates_metrics(swiss_workdir, tmp_path):
 def test_changed_config_is_refused_unless_allowed(swiss_workdir, tmp_path):
     workdir = tmp_path / "run"
     shutil.copytree(swiss_workdir, workdir)
-    with pytest.raises(ValueError, match=r"optim\.lr"):
+    with pytest.raises(options.ArgumentError, match=r"optim\.lr") as caught:
         train.train_and_evaluate(h.swissroll(optim__lr=5e-3), str(workdir))
+    # The library names its argument; train.py renders it as its flag.
+    assert caught.value.argument == "allow_config_change"
+    assert "Pass allow_config_change=True" in str(caught.value) and "--" not in str(caught.value)
     state = train.train_and_evaluate(
         h.swissroll(optim__lr=5e-3, train__num_steps=45), str(workdir), allow_config_change=True
     )

@@ -1,5 +1,5 @@
-"""The trainer's small parts, without training: when periodic work is due, the log window
-and the stop flag."""
+"""The trainer's small parts, without training: when periodic work is due, the log window,
+the stop flag and the refusal to resume with another config."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import signal
 import numpy as np
 import pytest
 
-from diffusion_jax.train import monitor, periodic, preemption
+from diffusion_jax import options
+from diffusion_jax.train import config as config_lib
+from diffusion_jax.train import monitor, periodic, preemption, resume
 
 
 def _due(every, total, **kwargs):
@@ -113,3 +115,32 @@ def test_stop_flag_second_ctrl_c_interrupts():
         assert stop.signal == signal.SIGINT
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_changed_config_error_names_the_argument():
+    saved = config_lib.config_to_dict(config_lib.default_config())
+    now = config_lib.default_config()
+    now.optim.lr = 5e-3
+    now.train.num_steps = 7  # a run field: may change
+    resume.check_config_unchanged(saved, saved, "/w")
+    resume.check_config_unchanged(None, config_lib.config_to_dict(now), "/w")
+    with pytest.raises(options.ArgumentError) as caught:
+        resume.check_config_unchanged(saved, config_lib.config_to_dict(now), "/w")
+    error = caught.value
+    assert error.argument == "allow_config_change"
+    assert "['optim.lr'] differ (saved [0.001], now [0.005])" in str(error)
+    assert "num_steps" not in str(error)
+    assert "Pass allow_config_change=True to resume anyway" in str(error)
+    assert "--" not in str(error)
+    flagged = error.for_flags({"allow_config_change": "--allow_config_change"})
+    assert "Pass --allow_config_change=True to resume anyway" in flagged
+
+
+def test_changed_config_error_survives_braces_in_values():
+    saved = config_lib.config_to_dict(config_lib.default_config())
+    now = config_lib.default_config()
+    now.data.name = "folder:/data/{odd}"
+    with pytest.raises(options.ArgumentError) as caught:
+        resume.check_config_unchanged(saved, config_lib.config_to_dict(now), "/w/{run}")
+    assert "folder:/data/{odd}" in str(caught.value) and "/w/{run}" in str(caught.value)
+    assert "/w/{run}" in caught.value.for_flags({"allow_config_change": "--allow_config_change"})

@@ -27,6 +27,7 @@ __all__ = [
     "default_config",
     "ema_decay",
     "identity_dict",
+    "validate_batch_split",
     "validate_config",
 ]
 
@@ -162,6 +163,21 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"config.train.sample_steps = {t.sample_steps} exceeds "
             f"config.diffusion.num_timesteps = {d.num_timesteps}."
+        )
+
+
+def validate_batch_split(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """Checks that the global batch splits evenly over ``num_devices`` devices and
+    ``config.optim.accumulate_steps`` micro-batches.
+
+    Raises:
+      ValueError: naming ``config.data.batch_size``, the device count and the micro-batches.
+    """
+    batch_size, accumulate = config.data.batch_size, config.optim.accumulate_steps
+    if batch_size % (num_devices * accumulate):
+        raise ValueError(
+            f"config.data.batch_size = {batch_size} must be a multiple of the number of "
+            f"devices ({num_devices}) times config.optim.accumulate_steps ({accumulate})."
         )
 
 

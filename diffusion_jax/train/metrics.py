@@ -58,6 +58,8 @@ def truncate_metrics(workdir: str, last_step: int) -> int:
 class MetricsWriter:
     """Appends metric records to ``metrics.jsonl`` and TensorBoard; a no-op when disabled.
 
+    Use it as a context manager, or call :meth:`close` when done.
+
     Args:
       workdir: the run's directory.
       enabled: False on every process but 0.
@@ -97,3 +99,9 @@ class MetricsWriter:
             self._file.close()
             self._tb.close()
             self.enabled = False
+
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
