@@ -5,7 +5,10 @@
 
 Running it again on the same workdir resumes from the latest good checkpoint. On several hosts,
 start one process per host; ``jax.distributed`` is initialised from the environment (TPU pods,
-SLURM) or from ``--coordinator_address/--num_processes/--process_id``.
+SLURM) or from ``--coordinator_address/--num_processes/--process_id``. A run the library refuses
+(an invalid config, a workdir trained with another config, no readable checkpoint, persistent
+non-finite updates) exits with status 2 and one ``error: ...`` line on stderr, which names the
+flag to change where the library names an argument of ``train_and_evaluate``.
 """
 
 import logging
@@ -25,12 +28,15 @@ flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process 
 flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
 flags.mark_flags_as_required(["workdir"])
 
+# train_and_evaluate's argument names -> these flags, for its error messages.
+FLAG_NAMES = {"allow_config_change": "--allow_config_change"}
+
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.getLogger().setLevel(logging.INFO)
-    from diffusion_jax import _runtime
+    from diffusion_jax import _runtime, options
 
     _runtime.quiet_library_logs()
     _runtime.keep_freed_memory()  # this process is ours: keep freed heap pages (faster steps)
@@ -43,9 +49,15 @@ def main(argv):
         train.train_and_evaluate(
             FLAGS.config, FLAGS.workdir, allow_config_change=FLAGS.allow_config_change
         )
-    except (ValueError, FileNotFoundError, train.NonFiniteError) as err:
-        logging.error("%s", err)
-        print(f"error: {err}", file=sys.stderr)
+    except (
+        ValueError,
+        FileNotFoundError,
+        train.checkpoint.CheckpointError,
+        train.NonFiniteError,
+    ) as err:
+        message = err.for_flags(FLAG_NAMES) if isinstance(err, options.ArgumentError) else err
+        logging.error("%s", message)
+        print(f"error: {message}", file=sys.stderr)
         return 2
     return 0
 

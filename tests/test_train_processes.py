@@ -82,6 +82,26 @@ def test_sigterm_checkpoints_and_stops(tmp_path):
     assert max(h.losses_by_step(workdir)) <= latest
 
 
+def test_cli_errors_name_flags_and_exit_2(tmp_path):
+    """train.py turns the library's refusals into one ``error:`` line naming its own flags."""
+    run = dict(h.TINY_SWISSROLL, **{"train.num_steps": 2, "train.checkpoint_every": 2})
+    run["train.eval_every"] = 0
+    workdir = tmp_path / "run"
+    train.train_and_evaluate(h.apply_overrides(h.swissroll(), run), str(workdir))
+
+    changed = h.run(h.train_command("swissroll.py", workdir, h.flag_overrides(run, optim__lr=5e-3)))
+    assert changed.returncode == 2, changed.stderr[-3000:]
+    errors = [line for line in changed.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "optim.lr" in errors[0], changed.stderr[-3000:]
+    assert "Pass --allow_config_change=True to resume anyway" in errors[0]
+
+    missing = tmp_path / "no_such_run"
+    flags = h.flag_overrides(run, train__init_from=str(missing))
+    no_checkpoint = h.run(h.train_command("swissroll.py", tmp_path / "new", flags))
+    assert no_checkpoint.returncode == 2, no_checkpoint.stderr[-3000:]
+    assert f"error: No checkpoint found in {missing}" in no_checkpoint.stderr
+
+
 def _free_port() -> int:
     import socket
 
