@@ -217,8 +217,8 @@ def make_train_step(
                 return jnp.moveaxis(x, 1, 0)
 
             micro_labels = None if labels is None else split(labels)
-            # Unrolled: inside an XLA:CPU while loop the backward convolutions run 25-100x
-            # slower (benchmarks/README.md, "Variants and findings"); k is small.
+            # Unrolled (k is small): XLA:CPU runs backward convolutions much slower inside a
+            # while loop; the figures are in benchmarks/README.md, "Variants and findings".
             (params, opt_state), stacked = jax.lax.scan(
                 micro_step,
                 (state.params, state.opt_state),
