@@ -4,7 +4,13 @@ Every function is compared, for all four schedules (T = 1000), for image ``[B, H
 vector ``[B, D]`` data, with ``t`` covering 0, 1, T-1 and random steps. ``p_mean_variance`` and
 ``p_sample`` run every parameterisation (eps, x0, v) x variance (fixed_small, fixed_large,
 learned_range) x clipping (off, [-1, 1], a range); ``ddim_step`` runs eta in {0, 0.5, 1} with any
-``t_prev < t`` including -1 (also under ``jit``).
+``t_prev < t`` including -1; ``predict_x0``, ``training_target`` and ``mse_per_x0_mse`` (the
+eps/x0/v table) run every parameterisation. These sweeps call the functions eagerly.
+
+Under ``chex.variants`` (``CoreUnderVariantsTest``): the same reference checks, for the cosine
+schedule and image data, run each core function under ``with_jit``, ``without_jit`` and
+``with_pmap``; the pmap variant splits the batch of 8 over the eight fake CPU devices of
+``conftest.py`` (one example per device), the schedule shared, the string options closed over.
 
 Tolerances (float32 results against float64): data-space quantities (x_t, means, x_0, eps, v)
 within 1e-5 (|want| + 1), i.e. 1e-5 absolute for O(1) values and 1e-5 relative for large ones;
@@ -14,7 +20,9 @@ cosine), so it is also allowed 1e-6 (|x_t| + |eps|) / sqrt(abar_t); recovering e
 likewise 1e-6 (|x_t| + |x_0|) / sqrt(1 - abar_t); what depends on them inherits the allowance
 times its coefficient. Quantities near 1 - abar are taken from the float64-built tables, so
 q_mean_variance's variance and ddim_step at small t are held to float32 precision (dedicated
-tests below; ``DDIM_CANCELLATION`` is the allowance for a float32 subtraction, now 0).
+tests below; ``DDIM_CANCELLATION`` is the allowance for a float32 subtraction, now 0). Scalar
+tolerances are checked with ``chex.assert_trees_all_close``; the per-element allowances with
+``reference.assert_close``.
 
 Properties (hypothesis): empirical mean and variance of ``q_sample`` over 100k draws within
 5 standard errors; x_0 <-> eps <-> v round trips. Also: compile once per shape
@@ -32,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference as ref
+from absl.testing import parameterized
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -41,7 +50,8 @@ NAMES = ("linear", "quadratic", "sigmoid", "cosine")
 PARAMETERIZATIONS = ("eps", "x0", "v")
 VARIANCES = ("fixed_small", "fixed_large", "learned_range")
 CLIPS = {"noclip": False, "clip": True, "range": (-0.5, 0.75)}
-SHAPES = {"image": (6, 4, 4, 2), "vector": (6, 3)}
+# A batch of 8: the pmap variant gives one example to each of the eight fake devices.
+SHAPES = {"image": (8, 4, 4, 2), "vector": (8, 3)}
 T = 1000
 RTOL = 1e-5
 AMPLIFIED = 1e-6  # allowance per unit of 1 / sqrt(abar) (or 1 / sqrt(1 - abar)) amplification
@@ -78,51 +88,135 @@ def x0_allowance(tab, t, x_t, out, parameterization):
 
 
 def data_close(got, want, extra=0.0, what=""):
-    ref.assert_close(got, want, rtol=RTOL, scale=1.0, extra=extra, what=what)
+    """|got - want| <= RTOL (|want| + 1) + extra; ``extra`` a scalar or per-element allowance."""
+    if np.ndim(extra) == 0:
+        atol = RTOL + float(extra)
+        chex.assert_trees_all_close(got, want, rtol=RTOL, atol=atol, custom_message=what)
+    else:
+        ref.assert_close(got, want, rtol=RTOL, scale=1.0, extra=extra, what=what)
 
 
 def variance_close(got, want, what=""):
-    ref.assert_close(got, want, rtol=RTOL, scale=0.0, extra=1e-30, what=what)
+    """|got - want| <= RTOL |want|; the atol only lets an exact 0 match a reference 0."""
+    chex.assert_trees_all_close(got, want, rtol=RTOL, atol=1e-30, custom_message=what)
+
+
+def log_variance_close(got, want, what=""):
+    """|got - want| <= RTOL (|want| + 1)."""
+    chex.assert_trees_all_close(got, want, rtol=RTOL, atol=RTOL, custom_message=what)
+
+
+def eager(fn, *args):
+    """Calls ``fn`` as it is: the sweeps' way of running a core function."""
+    return fn(*args)
 
 
 # ---------------------------------------------------------------------------- forward process
 
 
+def check_q_sample(name, shape, call=eager):
+    schedule, tab = schedule_pair(name)
+    t, x0, noise, _, _ = draw_case(shape, 0)
+    got = call(diffusion.q_sample, schedule, x0, t, noise)
+    chex.assert_shape(got, shape)
+    chex.assert_type(got, jnp.float32)
+    data_close(got, ref.q_sample(tab, x0, t, noise), what="x_t")
+
+
+def check_q_mean_variance(name, shape, call=eager):
+    schedule, tab = schedule_pair(name)
+    t, x0, _, _, _ = draw_case(shape, 1)
+    mean, variance, log_variance = call(diffusion.q_mean_variance, schedule, x0, t)
+    chex.assert_shape((variance, log_variance), (shape[0],) + (1,) * (len(shape) - 1))
+    want_mean, want_var, want_log_var = ref.q_mean_variance(tab, x0, t)
+    data_close(mean, want_mean, what="mean")
+    log_variance_close(log_variance, want_log_var, "log_variance")
+    # 1 - abar is well conditioned only in absolute terms once abar is rounded to float32; see
+    # test_q_mean_variance_variance_is_relatively_precise for the relative check.
+    chex.assert_trees_all_close(variance, want_var, rtol=RTOL, atol=1e-7)
+
+
+def check_q_posterior_mean_variance(name, shape, call=eager):
+    schedule, tab = schedule_pair(name)
+    t, x0, _, x_t, _ = draw_case(shape, 2)
+    got = call(diffusion.q_posterior_mean_variance, schedule, x0, x_t, t)
+    mean, variance, log_variance = got
+    want_mean, want_var, want_log_var = ref.q_posterior(tab, x0, x_t, t)
+    data_close(mean, want_mean, what="posterior mean")
+    variance_close(variance, want_var, "posterior variance")
+    log_variance_close(log_variance, want_log_var, "posterior log_variance")
+    # Index 0 (the last reverse step) returns x_0 with variance 0 and the log clipped.
+    chex.assert_trees_all_close(mean[0], x0[0], rtol=0.0, atol=1e-6)
+    assert float(variance[0].max()) == 0.0
+    chex.assert_trees_all_close(
+        log_variance[0].ravel(), tab["posterior_log_variance_clipped"][1:2], rtol=1e-7
+    )
+
+
+def check_predictions_and_v_target(name, shape, call=eager):
+    schedule, tab = schedule_pair(name)
+    t, x0, noise, x_t, out = draw_case(shape, 3)
+    nd = len(shape)
+    abar = ref.at(tab["alphas_cumprod"], t, nd)
+    one_minus = ref.at(tab["one_minus_alphas_cumprod"], t, nd)
+
+    def predictions(schedule, x0, x_t, t, noise, out):
+        return (
+            diffusion.predict_x0_from_eps(schedule, x_t, t, out),
+            diffusion.predict_eps_from_x0(schedule, x_t, t, x0),
+            diffusion.predict_x0_from_v(schedule, x_t, t, out),
+            diffusion.v_target(schedule, x0, t, noise),
+        )
+
+    x0_from_eps, eps_from_x0, x0_from_v, v = call(predictions, schedule, x0, x_t, t, noise, out)
+    chex.assert_shape((x0_from_eps, eps_from_x0, x0_from_v, v), shape)
+
+    extra = AMPLIFIED * (np.abs(x_t) + np.abs(out)) / np.sqrt(abar)
+    data_close(x0_from_eps, ref.x0_from_eps(tab, x_t, t, out), extra, "predict_x0_from_eps")
+    extra = AMPLIFIED * (np.abs(x_t) + np.abs(x0)) / np.sqrt(one_minus)
+    data_close(eps_from_x0, ref.eps_from_x0(tab, x_t, t, x0), extra, "predict_eps_from_x0")
+    data_close(x0_from_v, ref.x0_from_v(tab, x_t, t, out), what="predict_x0_from_v")
+    data_close(v, ref.v_target(tab, x0, t, noise), what="v_target")
+
+
+def check_prediction_table(name, parameterization, shape, call=eager):
+    """predict_x0, training_target and mse_per_x0_mse: the three entries of the eps/x0/v table."""
+    schedule, tab = schedule_pair(name)
+    t, x0, noise, x_t, out = draw_case(shape, 16)
+    snr = ref.snr(tab, t).astype(np.float32)
+
+    def table(schedule, out, x_t, t, x0, noise, snr):
+        return (
+            diffusion.predict_x0(schedule, out, x_t, t, parameterization),
+            diffusion.training_target(schedule, x0, t, noise, parameterization),
+            diffusion.mse_per_x0_mse(snr, parameterization),
+        )
+
+    pred_x0, target, ratio = call(table, schedule, out, x_t, t, x0, noise, snr)
+    chex.assert_shape((pred_x0, target), shape)
+    chex.assert_shape(ratio, (shape[0],))
+    extra = x0_allowance(tab, t, x_t, out, parameterization)
+    want_x0 = ref.predict_x0(tab, out, x_t, t, parameterization)
+    data_close(pred_x0, want_x0, extra, f"predict_x0 {parameterization}")
+    want_target = {"eps": noise, "x0": x0, "v": ref.v_target(tab, x0, t, noise)}
+    data_close(target, want_target[parameterization], what=f"target {parameterization}")
+    # x_t = sqrt(abar) x_0 + sqrt(1 - abar) eps at a fixed x_t: an error d in x_0 is an error
+    # sqrt(SNR) d in eps and sqrt(SNR + 1) d in v, so the MSEs are SNR and SNR + 1 times MSE(x_0).
+    snr64 = snr.astype(np.float64)
+    want_ratio = {"eps": snr64, "x0": np.ones_like(snr64), "v": snr64 + 1.0}[parameterization]
+    chex.assert_trees_all_close(ratio, want_ratio, rtol=RTOL, custom_message=parameterization)
+
+
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
 @pytest.mark.parametrize("name", NAMES)
 def test_q_sample(name, shape):
-    schedule, tab = schedule_pair(name)
-    t, x0, noise, _, _ = draw_case(shape, 0)
-    got = diffusion.q_sample(schedule, x0, t, noise)
-    assert got.shape == shape and got.dtype == jnp.float32
-    data_close(got, ref.q_sample(tab, x0, t, noise), what="x_t")
+    check_q_sample(name, shape)
 
 
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
 @pytest.mark.parametrize("name", NAMES)
 def test_q_mean_variance(name, shape):
-    schedule, tab = schedule_pair(name)
-    t, x0, _, _, _ = draw_case(shape, 1)
-    mean, variance, log_variance = diffusion.q_mean_variance(schedule, x0, t)
-    want_mean, want_var, want_log_var = ref.q_mean_variance(tab, x0, t)
-    data_close(mean, want_mean, what="mean")
-    ref.assert_close(
-        jnp.broadcast_to(log_variance, shape),
-        np.broadcast_to(want_log_var, shape),
-        rtol=RTOL,
-        scale=1.0,
-        what="log_variance",
-    )
-    # 1 - abar is well conditioned only in absolute terms once abar is rounded to float32; see
-    # test_q_mean_variance_variance_is_relatively_precise for the relative check.
-    ref.assert_close(
-        jnp.broadcast_to(variance, shape),
-        np.broadcast_to(want_var, shape),
-        rtol=RTOL,
-        scale=0.0,
-        extra=1e-7,
-        what="variance",
-    )
+    check_q_mean_variance(name, shape)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -131,74 +225,44 @@ def test_q_mean_variance_variance_is_relatively_precise(name):
     t = jnp.array([0, 1, 2, 10, 500, T - 1], jnp.int32)
     _, variance, log_variance = diffusion.q_mean_variance(schedule, jnp.zeros((6, 2)), t)
     variance_close(variance[:, 0], tab["one_minus_alphas_cumprod"][np.asarray(t)], "variance")
-    np.testing.assert_allclose(variance, jnp.exp(log_variance), rtol=RTOL)
+    chex.assert_trees_all_close(variance, jnp.exp(log_variance), rtol=RTOL)
 
 
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
 @pytest.mark.parametrize("name", NAMES)
 def test_q_posterior_mean_variance(name, shape):
-    schedule, tab = schedule_pair(name)
-    t, x0, _, x_t, _ = draw_case(shape, 2)
-    mean, variance, log_variance = diffusion.q_posterior_mean_variance(schedule, x0, x_t, t)
-    want_mean, want_var, want_log_var = ref.q_posterior(tab, x0, x_t, t)
-    data_close(mean, want_mean, what="posterior mean")
-    variance_close(jnp.broadcast_to(variance, shape), np.broadcast_to(want_var, shape))
-    ref.assert_close(
-        jnp.broadcast_to(log_variance, shape),
-        np.broadcast_to(want_log_var, shape),
-        rtol=RTOL,
-        scale=1.0,
-        what="posterior log_variance",
-    )
-    # Index 0 (the last reverse step) returns x_0 with variance 0 and the log clipped.
-    np.testing.assert_allclose(mean[0], x0[0], rtol=0, atol=1e-6)
-    assert float(variance[0].max()) == 0.0
-    np.testing.assert_allclose(log_variance[0].ravel(), tab["posterior_log_variance_clipped"][1])
+    check_q_posterior_mean_variance(name, shape)
 
 
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
 @pytest.mark.parametrize("name", NAMES)
 def test_predictions_and_v_target(name, shape):
-    schedule, tab = schedule_pair(name)
-    t, x0, noise, x_t, out = draw_case(shape, 3)
-    nd = len(shape)
-    abar = ref.at(tab["alphas_cumprod"], t, nd)
-    one_minus = ref.at(tab["one_minus_alphas_cumprod"], t, nd)
+    check_predictions_and_v_target(name, shape)
 
-    got = diffusion.predict_x0_from_eps(schedule, x_t, t, out)
-    extra = AMPLIFIED * (np.abs(x_t) + np.abs(out)) / np.sqrt(abar)
-    data_close(got, ref.x0_from_eps(tab, x_t, t, out), extra, "predict_x0_from_eps")
 
-    got = diffusion.predict_eps_from_x0(schedule, x_t, t, x0)
-    extra = AMPLIFIED * (np.abs(x_t) + np.abs(x0)) / np.sqrt(one_minus)
-    data_close(got, ref.eps_from_x0(tab, x_t, t, x0), extra, "predict_eps_from_x0")
-
-    got = diffusion.predict_x0_from_v(schedule, x_t, t, out)
-    data_close(got, ref.x0_from_v(tab, x_t, t, out), what="predict_x0_from_v")
-
-    got = diffusion.v_target(schedule, x0, t, noise)
-    data_close(got, ref.v_target(tab, x0, t, noise), what="v_target")
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize("parameterization", PARAMETERIZATIONS)
+@pytest.mark.parametrize("name", NAMES)
+def test_prediction_table(name, parameterization, shape):
+    check_prediction_table(name, parameterization, shape)
 
 
 # ---------------------------------------------------------------------------- reverse process
 
 
-def check_p_mean_variance(name, parameterization, variance, clip_x0, shape, seed):
+def reverse_options(parameterization, variance, clip_x0):
+    return dict(parameterization=parameterization, variance=variance, clip_x0=clip_x0)
+
+
+def check_p_mean_variance(name, parameterization, variance, clip_x0, shape, seed, call=eager):
     schedule, tab = schedule_pair(name)
     factor = 2 if variance == "learned_range" else 1
     t, _, _, x_t, output = draw_case(shape, seed, factor)
-    got = diffusion.p_mean_variance(
-        schedule,
-        output,
-        x_t,
-        t,
-        parameterization=parameterization,
-        variance=variance,
-        clip_x0=clip_x0,
-    )
+    options = reverse_options(parameterization, variance, clip_x0)
+    got = call(functools.partial(diffusion.p_mean_variance, **options), schedule, output, x_t, t)
     want = ref.p_mean_variance(tab, output, x_t, t, parameterization, variance, clip_x0)
-    for value in got:
-        assert value.shape == shape and value.dtype == jnp.float32
+    chex.assert_shape(got, shape)
+    chex.assert_type(got, jnp.float32)
     mean, var, log_var, pred_x0 = got
     want_mean, want_var, want_log_var, want_x0 = want
     extra_x0 = x0_allowance(tab, t, x_t, output[..., : shape[-1]], parameterization)
@@ -206,7 +270,7 @@ def check_p_mean_variance(name, parameterization, variance, clip_x0, shape, seed
     coef1 = ref.at(tab["posterior_mean_coef1"], t, len(shape))
     data_close(mean, want_mean, coef1 * extra_x0, "mean")
     variance_close(var, want_var, "variance")
-    ref.assert_close(log_var, want_log_var, rtol=RTOL, scale=1.0, what="log_variance")
+    log_variance_close(log_var, want_log_var, "log_variance")
     return got
 
 
@@ -228,7 +292,7 @@ def test_p_mean_variance_clipping_is_applied():
     pred = diffusion.p_mean_variance(schedule, -wild, x_t, t, clip_x0=(-0.5, 0.75), **kwargs)[3]
     assert float(jnp.min(pred)) == -0.5
     pred = diffusion.p_mean_variance(schedule, wild, x_t, t, clip_x0=False, **kwargs)[3]
-    np.testing.assert_array_equal(pred, wild)
+    chex.assert_trees_all_equal(pred, wild)
 
 
 def test_learned_range_endpoints():
@@ -241,8 +305,26 @@ def test_learned_range_endpoints():
         _, var, log_var, _ = diffusion.p_mean_variance(
             schedule, output, x_t, t, variance="learned_range"
         )
-        ref.assert_close(log_var[:, 0], table[np.asarray(t)], rtol=RTOL, scale=1.0)
-        np.testing.assert_allclose(var, jnp.exp(log_var), rtol=1e-6)
+        log_variance_close(log_var[:, 0], table[np.asarray(t)], f"v = {v}")
+        chex.assert_trees_all_close(var, jnp.exp(log_var), rtol=1e-6)
+
+
+def check_p_sample(name, parameterization, variance, shape, call=eager):
+    schedule, tab = schedule_pair(name)
+    factor = 2 if variance == "learned_range" else 1
+    t, _, noise, x_t, output = draw_case(shape, 7, factor)
+    step = functools.partial(
+        diffusion.p_sample, **reverse_options(parameterization, variance, True)
+    )
+    got = call(step, schedule, output, x_t, t, noise)
+    chex.assert_shape(got, shape)
+    # The reference adds no noise at the last step (t[0] == 0), where sigma z would be far
+    # outside the tolerance.
+    want = ref.p_sample(tab, output, x_t, t, noise, parameterization, variance, True)
+    extra_x0 = x0_allowance(tab, t, x_t, output[..., : shape[-1]], parameterization)
+    coef1 = ref.at(tab["posterior_mean_coef1"], t, len(shape))
+    data_close(got, want, coef1 * extra_x0, "x_{t-1}")
+    return got
 
 
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
@@ -250,18 +332,14 @@ def test_learned_range_endpoints():
 @pytest.mark.parametrize("parameterization", PARAMETERIZATIONS)
 @pytest.mark.parametrize("name", NAMES)
 def test_p_sample(name, parameterization, variance, shape):
-    schedule, tab = schedule_pair(name)
-    factor = 2 if variance == "learned_range" else 1
-    t, _, noise, x_t, output = draw_case(shape, 7, factor)
-    kwargs = dict(parameterization=parameterization, variance=variance, clip_x0=True)
-    got = diffusion.p_sample(schedule, output, x_t, t, noise, **kwargs)
-    want = ref.p_sample(tab, output, x_t, t, noise, parameterization, variance, True)
-    extra_x0 = x0_allowance(tab, t, x_t, output[..., : shape[-1]], parameterization)
-    coef1 = ref.at(tab["posterior_mean_coef1"], t, len(shape))
-    data_close(got, want, coef1 * extra_x0, "x_{t-1}")
+    got = check_p_sample(name, parameterization, variance, shape)
     # No noise at the last step (t[0] == 0): the sample is the mean exactly.
-    mean = diffusion.p_mean_variance(schedule, output, x_t, t, **kwargs)[0]
-    np.testing.assert_array_equal(got[0], mean[0])
+    schedule, _ = schedule_pair(name)
+    factor = 2 if variance == "learned_range" else 1
+    t, _, _, x_t, output = draw_case(shape, 7, factor)
+    options = reverse_options(parameterization, variance, True)
+    mean = diffusion.p_mean_variance(schedule, output, x_t, t, **options)[0]
+    chex.assert_trees_all_equal(got[0], mean[0])
     assert not np.allclose(got[1:], mean[1:])
 
 
@@ -287,11 +365,7 @@ def ddim_allowance(tab, t, t_prev, x_t, out, noise, parameterization, clip_x0, c
     return amplified + np.where(to_x0, 0.0, cancelled)
 
 
-@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
-@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
-@pytest.mark.parametrize("parameterization", PARAMETERIZATIONS)
-@pytest.mark.parametrize("name", NAMES)
-def test_ddim_step_any_t_prev(name, parameterization, eta, shape):
+def check_ddim_step(name, parameterization, eta, shape, clips, call=eager):
     schedule, tab = schedule_pair(name)
     t, _, noise, x_t, output = draw_case(shape, 8)
     rng = np.random.default_rng(9)
@@ -300,23 +374,24 @@ def test_ddim_step_any_t_prev(name, parameterization, eta, shape):
     t_prev[1] = -1  # from T - 1 straight to x_0
     t_prev[2] = 0
     t_prev = jnp.asarray(t_prev, jnp.int32)
-    for clip_x0 in CLIPS.values():
-        got = diffusion.ddim_step(
-            schedule,
-            output,
-            x_t,
-            t,
-            t_prev,
-            noise,
-            eta=eta,
-            parameterization=parameterization,
-            clip_x0=clip_x0,
-        )
+    for clip_x0 in clips:
+        options = dict(eta=eta, parameterization=parameterization, clip_x0=clip_x0)
+        step = functools.partial(diffusion.ddim_step, **options)
+        got = call(step, schedule, output, x_t, t, t_prev, noise)
+        chex.assert_shape(got, shape)
         want = ref.ddim_step(tab, output, x_t, t, t_prev, noise, eta, parameterization, clip_x0)
         extra = ddim_allowance(
             tab, t, t_prev, x_t, output, noise, parameterization, clip_x0, DDIM_CANCELLATION
         )
         data_close(got, want, extra, f"ddim x_prev (clip_x0={clip_x0})")
+
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("parameterization", PARAMETERIZATIONS)
+@pytest.mark.parametrize("name", NAMES)
+def test_ddim_step_any_t_prev(name, parameterization, eta, shape):
+    check_ddim_step(name, parameterization, eta, shape, CLIPS.values())
 
 
 def test_ddim_step_precision_at_small_t():
@@ -389,42 +464,104 @@ def test_ddim_accepts_learned_variance_output(parameterization):
         schedule, output, x_t, t, t - 1, noise, variance="learned_range", **kwargs
     )
     first_half = diffusion.ddim_step(schedule, output[..., :2], x_t, t, t - 1, noise, **kwargs)
-    np.testing.assert_array_equal(learned, first_half)
+    chex.assert_trees_all_equal(learned, first_half)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_ddim_t_prev_minus_one_under_jit(name):
-    """-1 must mean abar = 1 (land on the predicted x_0), not wrap to index T-1."""
-    schedule, tab = schedule_pair(name)
-    t, _, noise, x_t, output = draw_case((6, 3), 12)
-    t_prev = jnp.full((6,), -1, jnp.int32)
-    step = jax.jit(functools.partial(diffusion.ddim_step, eta=1.0, clip_x0=False))
-    got = step(schedule, output, x_t, t, t_prev, noise)
-    pred_x0 = diffusion.predict_x0_from_eps(schedule, x_t, t, output)
-    np.testing.assert_allclose(got, pred_x0, rtol=1e-6, atol=1e-6)
-    want = ref.ddim_step(tab, output, x_t, t, t_prev, noise, 1.0, "eps", False)
-    extra = ddim_allowance(tab, t, t_prev, x_t, output, noise, "eps", False, DDIM_CANCELLATION)
-    data_close(got, want, extra, "x_0")
-    wrapped = step(schedule, output, x_t, t, jnp.full((6,), T - 1, jnp.int32), noise)
-    assert not np.allclose(got, wrapped)
-
-
-def test_dynamic_threshold_clip_option():
-    """Imagen: s = max(quantile_p |x_0|, 1) per example; x_0 -> clip(x_0, -s, s) / s."""
-    schedule, _ = schedule_pair("linear")
-    t, _, _, x_t, _ = draw_case((6, 4, 4, 2), 13)
-    output = np.random.default_rng(14).normal(0.0, 2.0, (6, 4, 4, 2)).astype(np.float32)
-    output[0] *= 0.1  # inside [-1, 1]: untouched
-    threshold = diffusion.dynamic_threshold(0.9)
-    got = diffusion.p_mean_variance(
-        schedule, output, x_t, t, parameterization="x0", clip_x0=threshold
-    )[3]
-    flat = np.abs(output.reshape(6, -1)).astype(np.float64)
-    s = np.maximum(np.quantile(flat, 0.9, axis=1), 1.0).reshape(6, 1, 1, 1)
-    np.testing.assert_allclose(got, np.clip(output, -s, s) / s, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(got[0], output[0], rtol=1e-6)
+def test_dynamic_threshold_rejects_a_bad_percentile():
     with pytest.raises(ValueError, match="percentile"):
         diffusion.dynamic_threshold(1.5)
+
+
+# ---------------------------------------------------------------------------- chex variants
+
+IMAGE = SHAPES["image"]
+
+
+class CoreUnderVariantsTest(chex.TestCase):
+    """Each core function under ``jit``, eagerly and under ``pmap``, against the reference.
+
+    The cosine schedule (the largest 1 / sqrt(abar) amplification) and image data, one example
+    per device under pmap; the sweeps above cover the other schedules, vector data and the
+    remaining option values eagerly.
+    """
+
+    def call(self, fn, *args):
+        return ref.call_variant(self.variant, fn, *args)
+
+    @chex.variants(with_jit=True, without_jit=True, with_pmap=True)
+    def test_forward_process(self):
+        check_q_sample("cosine", IMAGE, self.call)
+        check_q_mean_variance("cosine", IMAGE, self.call)
+        check_q_posterior_mean_variance("cosine", IMAGE, self.call)
+        check_predictions_and_v_target("cosine", IMAGE, self.call)
+        schedule, _ = schedule_pair("cosine")
+        t = draw_case(IMAGE, 0)[0]
+        got = self.call(functools.partial(diffusion.extract, ndim=4), schedule.log_snr, t)
+        chex.assert_trees_all_equal(got, ref.at(schedule.log_snr, t, 4).astype(np.float32))
+
+    @chex.variants(with_jit=True, without_jit=True, with_pmap=True)
+    @parameterized.parameters(*PARAMETERIZATIONS)
+    def test_prediction_table(self, parameterization):
+        check_prediction_table("cosine", parameterization, IMAGE, self.call)
+
+    @chex.variants(with_jit=True, without_jit=True, with_pmap=True)
+    @parameterized.parameters(*VARIANCES)
+    def test_split_model_output(self, variance):
+        channels = IMAGE[-1]
+        factor = 2 if variance == "learned_range" else 1
+        _, _, _, x_t, output = draw_case(IMAGE, 17, factor)
+        split = functools.partial(diffusion.split_model_output, variance=variance)
+        mean_out, var_out = ref.call_variant(self.variant, split, output, x_t, shared=())
+        chex.assert_trees_all_equal(mean_out, output[..., :channels])
+        if variance == "learned_range":
+            chex.assert_trees_all_equal(var_out, output[..., channels:])
+        else:
+            assert var_out is None
+
+    # Every parameterisation and every variance once: each is its own traced code path.
+    @chex.variants(with_jit=True, without_jit=True, with_pmap=True)
+    @parameterized.parameters(*zip(PARAMETERIZATIONS, VARIANCES, strict=True))
+    def test_reverse_step(self, parameterization, variance):
+        check_p_mean_variance("cosine", parameterization, variance, True, IMAGE, 4, self.call)
+        check_p_sample("cosine", parameterization, variance, IMAGE, self.call)
+
+    @chex.variants(with_jit=True, without_jit=True, with_pmap=True)
+    def test_ddim_step(self):
+        check_ddim_step("cosine", "eps", 0.5, IMAGE, [True], self.call)
+
+    @chex.variants(with_jit=True, without_jit=True, with_pmap=True)
+    def test_ddim_t_prev_minus_one(self):
+        """-1 must mean abar = 1 (land on the predicted x_0), not wrap to index T-1."""
+        schedule, tab = schedule_pair("cosine")
+        t, _, noise, x_t, output = draw_case((8, 3), 12)
+        step = functools.partial(diffusion.ddim_step, eta=1.0, clip_x0=False)
+        t_prev = jnp.full((8,), -1, jnp.int32)
+        got = self.call(step, schedule, output, x_t, t, t_prev, noise)
+        pred_x0 = diffusion.predict_x0_from_eps(schedule, x_t, t, output)
+        chex.assert_trees_all_close(got, pred_x0, rtol=1e-6, atol=1e-6)
+        want = ref.ddim_step(tab, output, x_t, t, t_prev, noise, 1.0, "eps", False)
+        extra = ddim_allowance(tab, t, t_prev, x_t, output, noise, "eps", False, 0.0)
+        data_close(got, want, extra, "x_0")
+        last = jnp.full((8,), T - 1, jnp.int32)
+        wrapped = self.call(step, schedule, output, x_t, t, last, noise)
+        assert not np.allclose(got, wrapped)
+
+    @chex.variants(with_jit=True, without_jit=True, with_pmap=True)
+    def test_dynamic_threshold_clip_option(self):
+        """Imagen: s = max(quantile_p |x_0|, 1) per example; x_0 -> clip(x_0, -s, s) / s."""
+        schedule, _ = schedule_pair("linear")
+        t, _, _, x_t, _ = draw_case(IMAGE, 13)
+        output = np.random.default_rng(14).normal(0.0, 2.0, IMAGE).astype(np.float32)
+        output[0] *= 0.1  # inside [-1, 1]: untouched
+        threshold = diffusion.dynamic_threshold(0.9)
+        mean_variance = functools.partial(
+            diffusion.p_mean_variance, parameterization="x0", clip_x0=threshold
+        )
+        got = self.call(mean_variance, schedule, output, x_t, t)[3]
+        flat = np.abs(output.reshape(IMAGE[0], -1)).astype(np.float64)
+        s = np.maximum(np.quantile(flat, 0.9, axis=1), 1.0).reshape(-1, 1, 1, 1)
+        chex.assert_trees_all_close(got, np.clip(output, -s, s) / s, rtol=1e-5, atol=1e-6)
+        chex.assert_trees_all_close(got[0], output[0], rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------- compile once
@@ -446,8 +583,7 @@ def test_compiles_once_per_shape():
     for seed, name in enumerate(NAMES):  # Same T and shapes: one trace for all.
         schedule, _ = schedule_pair(name)
         t, _, noise, x_t, output = draw_case((6, 4, 4, 2), 20 + seed, out_channels_factor=2)
-        outputs = reverse_steps(schedule, output, x_t, t, noise)
-        assert all(np.all(np.isfinite(np.asarray(o))) for o in outputs)
+        chex.assert_tree_all_finite(reverse_steps(schedule, output, x_t, t, noise))
     with pytest.raises(AssertionError):  # A new shape is a new trace, over the limit.
         t, _, noise, x_t, output = draw_case((6, 3), 30, out_channels_factor=2)
         reverse_steps(schedule, output, x_t, t, noise)
