@@ -24,6 +24,15 @@ What is checked, and how closely:
     one-point dataset and its ideal denoiser: with fixed_small every KL term is 0 (|L_t| <= 1e-6
     bits), so the bound is L_0 + L_T, both in closed form; with fixed_large every KL term is
     the KL between two Gaussians of one mean and known variances (1e-5 relative).
+
+Under ``chex.variants`` (``LossesUnderVariantsTest``) the same reference checks run each loss
+function under ``with_jit`` and ``without_jit``, and the per-example ones (``normal_kl``,
+``mean_flat``, the decoder, ``prior_bpd``, ``vb_terms_bpd``, ``min_snr_weight``) also under
+``with_pmap`` with their batch split over the eight fake CPU devices of ``conftest.py``.
+``training_loss`` and ``nll_bpd`` draw their noise for the whole batch from one key, so splitting
+the batch would change the draws: they run under jit and eagerly only. The sweeps over every
+option run eagerly. Tolerances are checked with ``chex.assert_trees_all_close`` where they are
+``rtol |want| + atol``; ``normal_kl``'s per-element bound is checked by hand.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference as ref
+from absl.testing import parameterized
 from hypothesis import given
 from hypothesis import strategies as st
 from scipy import special
@@ -46,7 +56,8 @@ from diffusion_jax import diffusion, losses, schedules
 NAMES = ("linear", "quadratic", "sigmoid", "cosine")
 PARAMETERIZATIONS = ("eps", "x0", "v")
 VARIANCES = ("fixed_small", "fixed_large", "learned_range")
-SHAPES = {"image": (4, 4, 4, 2), "vector": (4, 3)}
+# A batch of 8: the pmap variant gives one example to each of the eight fake devices.
+SHAPES = {"image": (8, 4, 4, 2), "vector": (8, 3)}
 RTOL = 1e-5
 BITS_ATOL = 1e-6
 
@@ -76,7 +87,19 @@ def grid_data(rng, shape, num_bins=256):
 
 
 def bits_close(got, want, rtol=RTOL, atol=BITS_ATOL, what=""):
-    ref.assert_close(got, want, rtol=rtol, scale=0.0, extra=atol, what=what)
+    """|got - want| <= rtol |want| + atol."""
+    want = np.asarray(want, np.float64)
+    chex.assert_trees_all_close(got, want, rtol=rtol, atol=atol, custom_message=what)
+
+
+def log_prob_close(got, want, what=""):
+    """|got - want| <= RTOL (|want| + 1), for log-probabilities in nats."""
+    chex.assert_trees_all_close(got, want, rtol=RTOL, atol=RTOL, custom_message=what)
+
+
+def eager(fn, *args):
+    """Calls ``fn`` as it is: the sweeps' way of running a loss function."""
+    return fn(*args)
 
 
 # ---------------------------------------------------------------------------- normal_kl
@@ -87,19 +110,25 @@ def kl_tolerance(mean1, logvar1, mean2, logvar2):
     return RTOL * (terms + (mean1 - mean2) ** 2 * np.exp(-logvar2))
 
 
-def test_normal_kl_matches_closed_form():
+def check_normal_kl(call=eager):
     rng = np.random.default_rng(0)
     shape = (64,)
     mean1, mean2 = rng.normal(0, 2, shape), rng.normal(0, 2, shape)
     logvar1, logvar2 = rng.uniform(-10, 3, shape), rng.uniform(-10, 3, shape)
     args = [a.astype(np.float32) for a in (mean1, logvar1, mean2, logvar2)]
-    got = np.asarray(losses.normal_kl(*args), np.float64)
+    got = call(losses.normal_kl, *args)
+    chex.assert_shape(got, shape)
     want = ref.normal_kl(*[a.astype(np.float64) for a in args])
-    assert np.all(np.abs(got - want) <= kl_tolerance(*args))
-    # Broadcasting, and zero for identical Gaussians.
-    same = losses.normal_kl(args[0], args[1], args[0], args[1])
-    np.testing.assert_allclose(same, 0.0, atol=1e-6)  # -1 + lv - lv + exp(0) rounds, ~6e-8
-    assert losses.normal_kl(jnp.zeros((3, 1)), 0.0, jnp.zeros((1, 4)), 0.0).shape == (3, 4)
+    assert np.all(np.abs(np.asarray(got, np.float64) - want) <= kl_tolerance(*args))
+    # Zero for identical Gaussians: -1 + lv - lv + exp(0) rounds, ~6e-8.
+    same = call(losses.normal_kl, args[0], args[1], args[0], args[1])
+    chex.assert_trees_all_close(same, np.zeros(shape), rtol=0.0, atol=1e-6)
+
+
+def test_normal_kl_matches_closed_form():
+    check_normal_kl()
+    # Broadcasting.
+    chex.assert_shape(losses.normal_kl(jnp.zeros((3, 1)), 0.0, jnp.zeros((1, 4)), 0.0), (3, 4))
 
 
 @given(
@@ -139,8 +168,8 @@ def decoder(x, mean, log_scale, num_bins=256):
 def assert_bin_probs_close(got_log, want_log, what=""):
     """|P_got - P_want| <= 1e-4 P_want + 3e-7: a float32 difference of two CDF values is good
     to ~1e-7 absolute, so a bin's mass is compared relatively only where it is large enough."""
-    got, want = np.exp(got_log), np.exp(want_log)
-    ref.assert_close(got, want, rtol=1e-4, scale=0.0, extra=3e-7, what=what)
+    got, want = np.exp(np.asarray(got_log, np.float64)), np.exp(want_log)
+    chex.assert_trees_all_close(got, want, rtol=1e-4, atol=3e-7, custom_message=what)
 
 
 @pytest.mark.parametrize("scale", [1e-3, 7e-3, 0.05, 0.3, 1.0])
@@ -155,7 +184,7 @@ def test_decoder_interior_bins_match_scipy(scale):
         assert_bin_probs_close(got, want, what=f"mean {mean}")
         # Where the bins below the mean are concerned, the CDFs are small and exact.
         below = (x < mean32) & (np.abs(x - mean32) / scale <= 3.0)
-        ref.assert_close(got[below], want[below], rtol=RTOL, scale=1.0, what=f"below {mean}")
+        log_prob_close(got[below], want[below], f"below {mean}")
         assert np.all(got <= 0.0) and np.all(np.isfinite(got))
 
 
@@ -169,7 +198,7 @@ def test_decoder_edge_bins_match_scipy():
             got = decoder(x, means, log_scale)
             want = ref.bin_log_prob(x, means, log_scale)
             finite = want > -80.0  # float32 log Phi underflows beyond ~ -100 nats
-            ref.assert_close(got[finite], want[finite], rtol=RTOL, scale=1.0, what=f"{edge}")
+            log_prob_close(got[finite], want[finite], f"edge {edge}")
 
 
 @pytest.mark.parametrize("num_bins", [2, 16, 256])
@@ -196,24 +225,54 @@ def test_decoder_interior_bins_are_mirror_symmetric_and_accurate_to_six_sigma():
             above = decoder(x, np.full_like(x, mean), np.log(scale))
             mirrored = decoder(-x, np.full_like(x, -mean), np.log(scale))
             want = ref.bin_log_prob(x, np.float32(mean), np.float32(np.log(scale)))
-            ref.assert_close(above, want, rtol=RTOL, scale=1.0, what="scipy")
-            ref.assert_close(above, mirrored, rtol=RTOL, scale=1.0, what="mirror")
+            log_prob_close(above, want, "scipy")
+            log_prob_close(above, mirrored, "mirror")
+
+
+def check_decoder(call=eager):
+    """Eight Gaussians, one per row (one per device under pmap), each scored on the 30 levels
+    nearest its mean and on the two edge levels."""
+    grid = np.linspace(-1.0, 1.0, 256)
+    means = np.linspace(-0.9, 0.9, 8).astype(np.float32)
+    log_scales = np.log(np.geomspace(1e-3, 0.3, 8)).astype(np.float32)
+    x = np.stack([np.sort(grid[np.argsort(np.abs(grid - m))[:30]]) for m in means])
+    x = np.concatenate([np.full((8, 1), -1.0), x, np.full((8, 1), 1.0)], axis=1)
+    x = x.astype(np.float32)
+    mean = np.broadcast_to(means[:, None], x.shape)
+    log_scale = np.broadcast_to(log_scales[:, None], x.shape)
+    log_likelihood = functools.partial(losses.discretized_gaussian_log_likelihood, num_bins=256)
+    got = call(log_likelihood, x, mean, log_scale)
+    chex.assert_shape(got, x.shape)
+    want = ref.bin_log_prob(x, mean, log_scale)
+    assert_bin_probs_close(got, want, what="bins near the mean")
+    edges = np.abs(x) == 1.0
+    finite = edges & (want > -80.0)  # float32 log Phi underflows beyond ~ -100 nats
+    log_prob_close(np.asarray(got)[finite], want[finite], "edge bins")
+
+
+def test_decoder_of_eight_gaussians():
+    check_decoder()
 
 
 # ---------------------------------------------------------------------------- prior, terms
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_prior_bpd(name):
+def check_prior_bpd(name, call=eager):
     schedule, tab = schedule_pair(name, 1000)
-    x0 = grid_data(np.random.default_rng(1), (4, 4, 4, 2))
-    got = losses.prior_bpd(schedule, x0)
-    assert got.shape == (4,)
+    x0 = grid_data(np.random.default_rng(1), SHAPES["image"])
+    got = call(losses.prior_bpd, schedule, x0)
+    chex.assert_shape(got, (8,))
     bits_close(got, ref.prior_bpd(tab, x0), what="L_T")
     # Closed form at x_0 = 0: KL(N(0, 1 - abar) || N(0, 1)) = (-abar - log(1 - abar)) / 2.
     abar = tab["alphas_cumprod"][-1]
     want = 0.5 * (-abar - math.log1p(-abar)) / math.log(2.0)
-    bits_close(losses.prior_bpd(schedule, jnp.zeros((2, 5))), [want, want], what="L_T(0)")
+    got = call(losses.prior_bpd, schedule, jnp.zeros((8, 5)))
+    bits_close(got, np.full(8, want), what="L_T(0)")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_prior_bpd(name):
+    check_prior_bpd(name)
 
 
 def consistent_outputs(tab, x0, t, noise, parameterization, error, rng):
@@ -240,52 +299,56 @@ SCHEDULE_SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("variance", VARIANCES)
-@pytest.mark.parametrize("parameterization", PARAMETERIZATIONS)
-@pytest.mark.parametrize(("name", "shape"), SCHEDULE_SHAPES)
-def test_vb_terms_bpd(name, shape, parameterization, variance):
+def check_vb_terms_bpd(name, shape, parameterization, variance, clips, call=eager):
     num_timesteps = 100
     schedule, tab = schedule_pair(name, num_timesteps)
     rng = np.random.default_rng(2)
     x0 = grid_data(rng, shape)
     noise = rng.standard_normal(shape).astype(np.float32)
-    t = np.array([0, 1, num_timesteps - 1, 37])
+    t = np.array([0, 1, num_timesteps - 1, 37, 0, 2, 60, 0])
     for error in (3e-3, 0.3):
-        if error > 0.01:
-            t = np.array([5, 1, num_timesteps - 1, 37])  # decoder only within 3 sigma
+        if error > 0.01:  # the decoder only within 3 sigma: no t = 0
+            t = np.array([5, 1, num_timesteps - 1, 37, 3, 2, 60, 80])
         x_t, out = consistent_outputs(tab, x0, t, noise, parameterization, error, rng)
         if variance == "learned_range":
             out = np.concatenate([out, rng.uniform(-1, 1, shape).astype(np.float32)], axis=-1)
-        for clip_x0 in (False, True):
-            got = losses.vb_terms_bpd(
-                schedule,
-                out,
-                x0,
-                x_t,
-                jnp.asarray(t, jnp.int32),
-                parameterization=parameterization,
-                variance=variance,
-                clip_x0=clip_x0,
-            )
-            assert got.shape == (shape[0],)
+        for clip_x0 in clips:
+            options = dict(parameterization=parameterization, variance=variance, clip_x0=clip_x0)
+            terms = functools.partial(losses.vb_terms_bpd, **options)
+            got = call(terms, schedule, out, x0, x_t, jnp.asarray(t, jnp.int32))
+            chex.assert_shape(got, (shape[0],))
             want = ref.vb_terms_bpd(tab, out, x0, x_t, t, parameterization, variance, clip_x0)
             bits_close(got, want, what=f"error={error} clip={clip_x0}")
             assert np.all(np.asarray(got) >= -BITS_ATOL)
 
 
+@pytest.mark.parametrize("variance", VARIANCES)
+@pytest.mark.parametrize("parameterization", PARAMETERIZATIONS)
+@pytest.mark.parametrize(("name", "shape"), SCHEDULE_SHAPES)
+def test_vb_terms_bpd(name, shape, parameterization, variance):
+    check_vb_terms_bpd(name, shape, parameterization, variance, (False, True))
+
+
 # ---------------------------------------------------------------------------- min-SNR
+
+
+def check_min_snr_weight(name, gamma, parameterization, call=eager):
+    schedule, tab = schedule_pair(name, 1000)
+    t = np.append(np.arange(0, 1000, 7), 999)  # 144 steps, 18 per device under pmap
+    weight = functools.partial(
+        losses.min_snr_weight, gamma=gamma, parameterization=parameterization
+    )
+    got = call(weight, schedule, jnp.asarray(t, jnp.int32))
+    want = ref.min_snr_weight(tab, t, gamma, parameterization)
+    # Relative: the weights span 1e-9 .. 5; the atol only lets an exact 0 match.
+    chex.assert_trees_all_close(got, want, rtol=RTOL, atol=1e-30, custom_message=parameterization)
 
 
 @pytest.mark.parametrize("gamma", [0.5, 5.0])
 @pytest.mark.parametrize("name", NAMES)
 def test_min_snr_weight(name, gamma):
-    schedule, tab = schedule_pair(name, 1000)
-    t = np.arange(0, 1000, 7)
-    t[-1] = 999
     for parameterization in PARAMETERIZATIONS:
-        got = losses.min_snr_weight(schedule, jnp.asarray(t), gamma, parameterization)
-        want = ref.min_snr_weight(tab, t, gamma, parameterization)
-        ref.assert_close(got, want, rtol=RTOL, scale=0.0, extra=1e-30, what=parameterization)
+        check_min_snr_weight(name, gamma, parameterization)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -309,7 +372,7 @@ def test_min_snr_weighted_losses_equal_min_snr_times_x0_mse(name):
     for parameterization, (prediction, target) in predictions.items():
         weight = losses.min_snr_weight(schedule, jnp.asarray(t), gamma, parameterization)
         got = np.asarray(weight, np.float64) * ref.mean_flat((prediction - target) ** 2)
-        ref.assert_close(got, want, rtol=RTOL, scale=0.0, what=parameterization)
+        chex.assert_trees_all_close(got, want, rtol=RTOL, custom_message=parameterization)
 
 
 def test_min_snr_weight_errors():
@@ -399,38 +462,41 @@ TRAINING_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("name", "shape"), [SCHEDULE_SHAPES[0], SCHEDULE_SHAPES[3]])
-@pytest.mark.parametrize(("loss_type", "parameterization", "variance", "gamma"), TRAINING_CASES)
-def test_training_loss_matches_reference(loss_type, parameterization, variance, gamma, name, shape):
+def check_training_loss(loss_type, parameterization, variance, gamma, name, shape, call=eager):
     schedule, tab = schedule_pair(name, TRAIN_T)
-    batch = shape[0] * 4
+    batch = 16
     shape = (batch, *shape[1:])
     x0 = binary_data(np.random.default_rng(5), shape)
     params = init_params(shape[-1], variance == "learned_range")
     key = jax.random.key(6)
     t, noise = documented_draws(key, batch, TRAIN_T, shape)
     assert 0 in t and TRAIN_T - 1 in t  # the decoder and the last step are both exercised
-    loss, metrics = losses.training_loss(
+    loss_fn = functools.partial(
+        losses.training_loss,
         toy_model,
-        params,
-        schedule,
-        x0,
-        key,
         parameterization=parameterization,
         variance=variance,
         loss_type=loss_type,
         min_snr_gamma=gamma,
         model_kwargs={"gain": 0.9},
     )
+    loss, metrics = call(loss_fn, params, schedule, x0, key)
     per_example, mse, vb = reference_training_loss(
         params, tab, x0, t, noise, parameterization, variance, loss_type, gamma, 0.9
     )
-    np.testing.assert_array_equal(metrics["t"], t)
+    chex.assert_shape((metrics["t"], metrics["per_example_loss"]), (batch,))
+    chex.assert_trees_all_equal(metrics["t"], t.astype(np.int32))
     bits_close(metrics["per_example_loss"], per_example, what="per-example loss")
     bits_close(loss, per_example.mean(), what="loss")
     bits_close(metrics["loss"], per_example.mean(), what="metrics loss")
     bits_close(metrics["mse"], mse.mean(), what="mse")
     bits_close(metrics["vb"], vb.mean(), what="vb")
+
+
+@pytest.mark.parametrize(("name", "shape"), [SCHEDULE_SHAPES[0], SCHEDULE_SHAPES[3]])
+@pytest.mark.parametrize(("loss_type", "parameterization", "variance", "gamma"), TRAINING_CASES)
+def test_training_loss_matches_reference(loss_type, parameterization, variance, gamma, name, shape):
+    check_training_loss(loss_type, parameterization, variance, gamma, name, shape)
 
 
 def hybrid_case(batch=32):
@@ -481,15 +547,22 @@ def test_hybrid_loss_trains_the_mean_by_mse_alone():
             variance="learned_range",
             loss_type="hybrid",
         )[0]
-        np.testing.assert_allclose(value, eager, rtol=1e-5)
-        for name in ("w_mean", "b_mean", "t_mean"):
-            np.testing.assert_allclose(hybrid[name], simple[name], rtol=1e-6, atol=1e-9)
-            # The check has teeth: the bound alone does move the mean.
-            assert np.max(np.abs(vlb[name])) > 1e-3
-        for name in ("w_var", "b_var"):
-            assert np.all(np.asarray(simple[name]) == 0.0)
-            np.testing.assert_allclose(hybrid[name], vlb[name] * TRAIN_T / 1000.0, rtol=1e-5)
-            assert np.max(np.abs(hybrid[name])) > 0.0
+        chex.assert_trees_all_close(value, eager, rtol=1e-5)
+
+        def part(grads, names):
+            return {name: grads[name] for name in names}
+
+        mean_names, var_names = ("w_mean", "b_mean", "t_mean"), ("w_var", "b_var")
+        chex.assert_trees_all_close(
+            part(hybrid, mean_names), part(simple, mean_names), rtol=1e-6, atol=1e-9
+        )
+        # The check has teeth: the bound alone does move the mean.
+        assert all(np.max(np.abs(vlb[name])) > 1e-3 for name in mean_names)
+        zeros = jax.tree.map(np.zeros_like, part(simple, var_names))
+        chex.assert_trees_all_equal(part(simple, var_names), zeros)
+        scaled_vlb = jax.tree.map(lambda g: g * TRAIN_T / 1000.0, part(vlb, var_names))
+        chex.assert_trees_all_close(part(hybrid, var_names), scaled_vlb, rtol=1e-5)
+        assert all(np.max(np.abs(hybrid[name])) > 0.0 for name in var_names)
 
 
 def test_training_loss_importance_weights():
@@ -515,7 +588,7 @@ def test_training_loss_importance_weights():
     loss, metrics = losses.training_loss(
         toy_model, params, schedule, x0, key, timestep_probs=one_hot
     )
-    np.testing.assert_array_equal(metrics["t"], 7)
+    chex.assert_trees_all_equal(metrics["t"], np.full(32, 7, np.int32))
     bits_close(loss, np.mean(metrics["per_example_loss"]) / TRAIN_T, what="one-hot")
 
 
@@ -557,7 +630,7 @@ def test_training_loss_under_jit_compiles_once():
     eager = losses.training_loss(
         toy_model, params, schedule, x0, jax.random.key(2), parameterization="v", min_snr_gamma=5.0
     )[0]
-    np.testing.assert_allclose(values[2], eager, rtol=1e-5)
+    chex.assert_trees_all_close(values[2], eager, rtol=1e-5)
 
 
 def test_training_loss_errors():
@@ -597,28 +670,21 @@ def jitted_nll(params, schedule, x0, key, *, model_fn, parameterization, varianc
     )
 
 
-# The per-term maths is checked for every option by test_vb_terms_bpd; here the scan's wiring.
-@pytest.mark.parametrize(
-    ("parameterization", "variance"), [("eps", "fixed_small"), ("v", "learned_range")]
-)
-def test_nll_bpd_terms_match_reference(parameterization, variance):
+def check_nll_bpd_terms(parameterization, variance, call):
+    """nll_bpd against the reference term by term: the scan's wiring (the per-term maths is
+    checked for every option by test_vb_terms_bpd)."""
     schedule, tab = schedule_pair("cosine", NLL_T)
     shape = (3, 4, 4, 2)
     x0 = binary_data(np.random.default_rng(12), shape)
     params = init_params(2, variance == "learned_range")
     key = jax.random.key(13)
-    result = jitted_nll(
-        params,
-        schedule,
-        x0,
-        key,
-        model_fn=toy_model,
-        parameterization=parameterization,
-        variance=variance,
+    bound = functools.partial(
+        losses.nll_bpd, toy_model, parameterization=parameterization, variance=variance
     )
-    assert result.terms_bpd.shape == (3, NLL_T) and result.mse.shape == (3, NLL_T)
-    assert result.total_bpd.shape == result.prior_bpd.shape == (3,)
-    np.testing.assert_allclose(
+    result = call(bound, params, schedule, x0, key)
+    chex.assert_shape((result.terms_bpd, result.mse), (3, NLL_T))
+    chex.assert_shape((result.total_bpd, result.prior_bpd), (3,))
+    chex.assert_trees_all_close(
         result.total_bpd, result.prior_bpd + result.terms_bpd.sum(axis=1), rtol=1e-6
     )
     bits_close(result.prior_bpd, ref.prior_bpd(tab, x0), what="prior")
@@ -717,7 +783,7 @@ def test_nll_bpd_closed_form_for_a_one_point_dataset(
     for example in range(2):
         bits_close(result.terms_bpd[example, 1:], terms, what="L_t, t > 0")
     bits_close(result.total_bpd, [decoder_bits + prior + terms.sum()] * 2, what="total")
-    np.testing.assert_allclose(result.mse, 0.0, atol=1e-8)
+    chex.assert_trees_all_close(result.mse, np.zeros(result.mse.shape), rtol=0.0, atol=1e-8)
 
 
 def test_nll_bpd_compiles_once_and_passes_model_kwargs():
@@ -738,4 +804,69 @@ def test_nll_bpd_compiles_once_and_passes_model_kwargs():
     eager = losses.nll_bpd(
         toy_model, params, schedule, x0, jax.random.key(1), model_kwargs={"gain": 0.5}
     )
-    np.testing.assert_allclose(totals[1], eager.total_bpd, rtol=1e-5)
+    chex.assert_trees_all_close(totals[1], eager.total_bpd, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------- chex variants
+
+ALL_THREE = dict(with_jit=True, without_jit=True, with_pmap=True)
+
+
+class LossesUnderVariantsTest(chex.TestCase):
+    """Each loss function under ``jit`` and eagerly, the per-example ones also under ``pmap``
+    (one example or one row per device), against the same references as the sweeps above."""
+
+    def call(self, fn, *args):
+        """Per-example functions: the batch is split over the devices under pmap."""
+        return ref.call_variant(self.variant, fn, *args)
+
+    def call_unsplit(self, fn, *args):
+        return self.variant(fn)(*args)
+
+    @chex.variants(**ALL_THREE)
+    def test_normal_kl(self):
+        check_normal_kl(functools.partial(ref.call_variant, self.variant, shared=()))
+
+    @chex.variants(**ALL_THREE)
+    def test_mean_flat(self):
+        x = np.random.default_rng(16).normal(size=SHAPES["image"]).astype(np.float32)
+        got = ref.call_variant(self.variant, losses.mean_flat, x, shared=())
+        chex.assert_shape(got, (8,))
+        chex.assert_trees_all_close(got, ref.mean_flat(x), rtol=1e-6, atol=1e-7)
+
+    @chex.variants(**ALL_THREE)
+    def test_decoder(self):
+        check_decoder(functools.partial(ref.call_variant, self.variant, shared=()))
+
+    @chex.variants(**ALL_THREE)
+    def test_prior_bpd(self):
+        check_prior_bpd("cosine", self.call)
+
+    # Every parameterisation and every variance once: each is its own traced code path.
+    @chex.variants(**ALL_THREE)
+    @parameterized.parameters(*zip(PARAMETERIZATIONS, VARIANCES, strict=True))
+    def test_vb_terms_bpd(self, parameterization, variance):
+        check_vb_terms_bpd("cosine", SHAPES["image"], parameterization, variance, [True], self.call)
+
+    @chex.variants(**ALL_THREE)
+    @parameterized.parameters(*PARAMETERIZATIONS)
+    def test_min_snr_weight(self, parameterization):
+        check_min_snr_weight("cosine", 5.0, parameterization, self.call)
+
+    # Every loss type, parameterisation and variance once, and min-SNR weighting.
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters(
+        ("simple", "eps", "fixed_small", 5.0),
+        ("hybrid", "v", "learned_range", None),
+        ("vlb", "x0", "fixed_large", None),
+    )
+    def test_training_loss(self, loss_type, parameterization, variance, gamma):
+        image = SHAPES["image"]
+        check_training_loss(
+            loss_type, parameterization, variance, gamma, "sigmoid", image, self.call_unsplit
+        )
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters(("eps", "fixed_small"), ("v", "learned_range"))
+    def test_nll_bpd_terms(self, parameterization, variance):
+        check_nll_bpd_terms(parameterization, variance, self.call_unsplit)
