@@ -5,6 +5,7 @@ import logging
 import os
 import shutil
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -75,14 +76,26 @@ def _abstract(tree, sharding_fn):
     )
 
 
+def _host_bits(leaf):
+    """A leaf as a host array (a PRNG key as its key data, with the impl in the dtype)."""
+    if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+        return np.asarray(jax.random.key_data(leaf)), str(leaf.dtype)
+    return np.asarray(leaf), str(leaf.dtype)
+
+
+def _same_bits(actual, expected) -> bool:
+    (a, a_dtype), (e, e_dtype) = _host_bits(actual), _host_bits(expected)
+    return a_dtype == e_dtype and a.shape == e.shape and a.tobytes() == e.tobytes()
+
+
+def _bits_differ(actual, expected) -> str:
+    (a, a_dtype), (e, e_dtype) = _host_bits(actual), _host_bits(expected)
+    return f"{a_dtype}{a.shape} {a.ravel()[:4]} != {e_dtype}{e.shape} {e.ravel()[:4]}"
+
+
 def _assert_bitwise_equal(actual, expected):
-    assert jax.tree.structure(actual) == jax.tree.structure(expected)
-    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
-        if jnp.issubdtype(e.dtype, jax.dtypes.prng_key):
-            a, e = jax.random.key_data(a), jax.random.key_data(e)
-        a, e = np.asarray(a), np.asarray(e)
-        assert a.dtype == e.dtype and a.shape == e.shape
-        assert a.tobytes() == e.tobytes()
+    """The same tree, and every leaf the same dtype, shape and bytes (so -0.0 != 0.0)."""
+    chex.assert_trees_all_equal_comparator(_same_bits, _bits_differ, actual, expected)
 
 
 def _save_steps(directory, steps, **kwargs):

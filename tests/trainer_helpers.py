@@ -7,6 +7,7 @@ import pathlib
 import subprocess
 import sys
 
+import chex
 import numpy as np
 
 from configs import digits as digits_config
@@ -145,11 +146,6 @@ def final_params(workdir, which: str = "raw"):
 
 
 def assert_trees_equal(a, b):
-    """Bit-for-bit equality of two pytrees of arrays."""
-    import jax
-
-    leaves_a, tree_a = jax.tree.flatten(a)
-    leaves_b, tree_b = jax.tree.flatten(b)
-    assert tree_a == tree_b
-    for x, y in zip(leaves_a, leaves_b, strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    """Exact equality of two pytrees of arrays: the same structure, and every leaf the same
+    shape, dtype and values."""
+    chex.assert_trees_all_equal(a, b, strict=True)
