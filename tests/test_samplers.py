@@ -30,7 +30,7 @@ from jax.sharding import PartitionSpec as P
 
 from diffusion_jax import samplers
 from diffusion_jax.diffusion import dynamic_threshold
-from diffusion_jax.samplers import sample, step_noise, timesteps_for
+from diffusion_jax.samplers import dpm_solver, sample, step_noise, timesteps_for
 from diffusion_jax.schedules import get_schedule
 
 T = 100
@@ -434,7 +434,7 @@ def test_matches_float64_reference(method, options, num_steps, spacing, atol):
 def test_dpm_solver_ratio_guard_only_acts_on_jumps():
     """At 10 linspace steps only the jump into t = 0 is first order; trailing has no jump."""
     for spacing, expected_first_order in (("linspace", [0, 8, 9]), ("trailing", [0, 9])):
-        _, tables = samplers._plan(SCHEDULE, "dpm_solver++", timesteps_for(T, 10, spacing))
+        _, tables = dpm_solver.plan(SCHEDULE, timesteps_for(T, 10, spacing))
         np.testing.assert_array_equal(np.flatnonzero(tables["w_prev"] == 0), expected_first_order)
 
 

@@ -1,0 +1,153 @@
+"""The reverse process as one compiled ``lax.scan``, whatever the method.
+
+Per step the loop calls the model (:mod:`~diffusion_jax.samplers.guidance`), draws the step's
+noise if the method is stochastic (:func:`~diffusion_jax.samplers.noise.step_noise`), applies
+the method's update and records the trajectory. The method's plan arrives as scanned tables,
+so the loop compiles once per (method, shape, number of steps, static options) and never
+branches on a traced value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffusion_jax import _runtime
+from diffusion_jax.samplers import guidance
+from diffusion_jax.samplers.base import Step, per_example
+from diffusion_jax.samplers.noise import initial_noise, step_noise
+from diffusion_jax.samplers.validation import SamplerOptions
+from diffusion_jax.schedules import Schedule
+
+__all__ = ["Trajectory", "run"]
+
+
+class Trajectory(NamedTuple):
+    """The samples and snapshots of every ``trajectory_every``-th step (K of them)."""
+
+    samples: jax.Array  # [B, ...] the final samples
+    xs: jax.Array  # [K, B, ...] x_t entering each recorded step; xs[0] is x_T
+    pred_x0s: jax.Array  # [K, B, ...] the (clipped) x0 predicted at each recorded step
+    timesteps: jax.Array  # [K] int32 original timesteps of the recorded steps
+
+
+def run(
+    model_fn: Callable[..., jax.Array],
+    params: Any,
+    key: jax.Array,
+    first_index: int | jax.Array,
+    step_schedule: Schedule,
+    timesteps: np.ndarray,
+    tables: dict[str, np.ndarray],
+    model_kwargs: dict[str, Any] | None,
+    uncond_kwargs: dict[str, Any] | None,
+    guidance_scale: float | jax.Array | None,
+    eta: float,
+    sampler_options: SamplerOptions,
+) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+    """Draws x_T and runs the compiled loop over a method's plan.
+
+    Args:
+      model_fn, params, key, first_index, model_kwargs, uncond_kwargs, guidance_scale, eta:
+        as validated by :func:`~diffusion_jax.samplers.validation.make_options`
+        (``uncond_kwargs`` None: no guidance).
+      step_schedule, tables: the method's plan (host tables of ``num_steps`` rows; integer
+        ones reach the device as int32, the others as float32).
+      timesteps: int32 ``[num_steps]``, the original timesteps the model sees.
+      sampler_options: the static options.
+
+    Returns:
+      ``(samples, xs, pred_x0s)``; the snapshots are None without a trajectory.
+
+    Example:
+      >>> x, _, _ = run(model_fn, params, key, 0, schedule, steps, tables, None, None, None,
+      ...               0.0, make_options(...))
+    """
+    first_index = jnp.asarray(first_index, jnp.int32)
+    device_tables = {
+        name: np.asarray(table, np.int32 if np.issubdtype(table.dtype, np.integer) else np.float32)
+        for name, table in tables.items()
+    }
+    return _scan(
+        params,
+        initial_noise(key, first_index, sampler_options.shape),
+        key,
+        first_index,
+        step_schedule,
+        (np.arange(len(timesteps), dtype=np.int32), np.asarray(timesteps, np.int32)),
+        device_tables,
+        {} if model_kwargs is None else dict(model_kwargs),
+        None if uncond_kwargs is None else dict(uncond_kwargs),
+        jnp.asarray(1.0 if guidance_scale is None else guidance_scale, jnp.float32),
+        jnp.asarray(float(eta), jnp.float32),
+        model_fn=model_fn,
+        sampler_options=sampler_options,
+    )
+
+
+@_runtime.jit(static_argnames=("model_fn", "sampler_options"))
+def _scan(
+    params: Any,
+    x_T: jax.Array,
+    key: jax.Array,
+    first_index: jax.Array,
+    step_schedule: Schedule,
+    steps: tuple[jax.Array, jax.Array],
+    tables: dict[str, jax.Array],
+    model_kwargs: dict[str, Any],
+    uncond_kwargs: dict[str, Any] | None,
+    guidance_scale: jax.Array,
+    eta: jax.Array,
+    *,
+    model_fn: Callable[..., jax.Array],
+    sampler_options: SamplerOptions,
+) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+    """The whole reverse process; ``steps`` is (the step index k, the model's timestep)."""
+    opts = sampler_options
+    every = opts.trajectory_every
+
+    def body(carry, scanned):
+        x, solver_carry, xs, pred_x0s = carry
+        (k, t_model), row = scanned
+        t = per_example(t_model, x)
+        out = guidance.model_output(
+            model_fn, params, x, t, model_kwargs, uncond_kwargs, guidance_scale, opts.variance
+        )
+        if opts.stochastic:
+            noise = step_noise(key, k + 1, opts.shape, first_index)
+        else:
+            noise = jnp.zeros_like(x)
+        step = Step(
+            schedule=step_schedule,
+            row=row,
+            x=x,
+            t=t,
+            model_output=out,
+            noise=noise,
+            eta=eta,
+            parameterization=opts.parameterization,
+            variance=opts.variance,
+            clip_x0=opts.clip_x0,
+        )
+        x_next, pred_x0, solver_carry = opts.method.update(step, solver_carry)
+        if every is not None:
+            # Steps between snapshots write to a spare last slot: no read-modify-write.
+            slot = jnp.where(k % every == 0, k // every, xs.shape[0] - 1)
+            xs = jax.lax.dynamic_update_index_in_dim(xs, x, slot, 0)
+            pred_x0s = jax.lax.dynamic_update_index_in_dim(pred_x0s, pred_x0, slot, 0)
+        return (x_next, solver_carry, xs, pred_x0s), None
+
+    xs = pred_x0s = None
+    if every is not None:
+        # Carries derive from x_T (not jnp.zeros(shape)) so the loop also runs in shard_map.
+        num_frames = -(-opts.num_steps // every)
+        xs = pred_x0s = jnp.broadcast_to(jnp.zeros_like(x_T), (num_frames + 1, *opts.shape))
+    init = (x_T, opts.method.init_carry(x_T), xs, pred_x0s)
+    (x, _, xs, pred_x0s), _ = jax.lax.scan(body, init, (steps, tables))
+    if every is not None:
+        xs, pred_x0s = xs[:-1], pred_x0s[:-1]
+    return x, xs, pred_x0s
