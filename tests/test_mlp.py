@@ -51,14 +51,16 @@ def test_output_shapes(kwargs, dim, out_dim):
     x, t = points(dim=dim)
     variables = jax.eval_shape(model.init, jax.random.key(0), x, t)
     out = jax.eval_shape(model.apply, variables, x, t)
-    assert out.shape == (8, out_dim) and out.dtype == jnp.float32
+    chex.assert_shape(out, (8, out_dim))
+    chex.assert_type(out, jnp.float32)
 
 
 def test_init_starts_at_zero_and_width_depth_set_the_size():
     model = MLP(features=16, num_layers=2)
     x, t = points()
     variables = jax.jit(model.init)(INIT_KEY, x, t)
-    np.testing.assert_array_equal(model.apply(variables, x, t), 0.0)
+    out = model.apply(variables, x, t)
+    chex.assert_trees_all_equal(out, jnp.zeros_like(x))
     shallow = jax.eval_shape(MLP(features=16, num_layers=1).init, jax.random.key(0), x, t)
     wide = jax.eval_shape(MLP(features=32, num_layers=2).init, jax.random.key(0), x, t)
     size = sum(p.size for p in jax.tree.leaves(variables))
@@ -71,7 +73,7 @@ def test_determinism_dropout_and_labels(conditional):
     x, t = points()
     y = jnp.arange(8, dtype=jnp.int32) % 3
     out = model.apply(variables, x, t, y)
-    np.testing.assert_array_equal(model.apply(variables, x, t, y), out)
+    chex.assert_trees_all_equal(model.apply(variables, x, t, y), out)
     train = model.apply(variables, x, t, y, train=True, rngs={"dropout": rbg_key(1)})
     assert not np.allclose(train, out)
     with pytest.raises(ValueError, match="dropout key"):
@@ -88,7 +90,7 @@ def test_bfloat16_forward_close_to_float32(conditional):
     y = jnp.zeros(8, jnp.int32)
     out32 = model.apply(variables, x, t, y)
     out16 = model.clone(dtype=jnp.bfloat16).apply(variables, x, t, y)
-    assert bool(jnp.all(jnp.isfinite(out16)))
+    chex.assert_tree_all_finite(out16)
     # Measured over 5 parameter draws: mean error 0.3-1.1% of the output's RMS, max 1-5%.
     rms = float(jnp.sqrt(jnp.mean(out32**2)))
     error = jnp.abs(out16 - out32)
@@ -152,7 +154,8 @@ def test_trains_through_make_model_fn_and_samples(conditional):
     x_t = jax.random.normal(rbg_key(2), x0.shape)
     t = jnp.full((64,), 49, jnp.int32)
     x_prev = reverse_step(params, x_t, t, jax.random.normal(rbg_key(3), x0.shape))
-    assert x_prev.shape == x0.shape and bool(jnp.all(jnp.isfinite(x_prev)))
+    chex.assert_equal_shape((x_prev, x0))
+    chex.assert_tree_all_finite(x_prev)
 
 
 def test_get_model_builds_the_mlp():

@@ -85,18 +85,18 @@ def test_timestep_embedding_matches_float64_reference():
     args = t[:, None].astype(np.float64) * freqs[None]
     expected = np.concatenate([np.sin(args), np.cos(args)], axis=1)
     got = timestep_embedding(jnp.asarray(t, jnp.int32), dim)
-    assert got.dtype == jnp.float32
+    chex.assert_type(got, jnp.float32)
     # float32 arguments up to 999 rad: absolute error ~ 999 * 2**-24 per unit of frequency.
-    np.testing.assert_allclose(got, expected, atol=1e-4)
-    assert timestep_embedding(jnp.array([3]), 7).shape == (1, 7)
+    chex.assert_trees_all_close(got, expected, rtol=1e-7, atol=1e-4)
+    chex.assert_shape(timestep_embedding(jnp.array([3]), 7), (1, 7))
 
 
 def test_resampling_matches_reference_ops():
     x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 4, 6, 3)), jnp.float32)
     resized = jax.image.resize(x, (2, 8, 12, 3), "nearest")
-    np.testing.assert_array_equal(upsample_nearest_2x(x), resized)
+    chex.assert_trees_all_equal(upsample_nearest_2x(x), resized)
     expected = x.reshape(2, 2, 2, 3, 2, 3).mean(axis=(2, 4))
-    np.testing.assert_allclose(avg_pool_2x(x), expected, rtol=1e-6)
+    chex.assert_trees_all_close(avg_pool_2x(x), expected, rtol=1e-6)
 
 
 @pytest.mark.parametrize("shape, groups", [((2, 4, 6, 8), 4), ((3, 5, 6), 6)])
@@ -124,9 +124,10 @@ def test_group_norm_matches_flax(shape, groups):
         )
 
     expected, got, got16 = normalise(params, x)
-    np.testing.assert_allclose(got, expected, atol=2e-5)
-    assert got16.dtype == jnp.float32
-    np.testing.assert_allclose(got16, expected, atol=0.05)  # bf16 input: 2**-9 of |x| ~ 5
+    chex.assert_trees_all_close(got, expected, rtol=1e-7, atol=2e-5)
+    chex.assert_type(got16, jnp.float32)
+    # bf16 input: 2**-9 of |x| ~ 5.
+    chex.assert_trees_all_close(got16, expected, rtol=1e-7, atol=0.05)
     with pytest.raises(ValueError, match="not divisible"):
         jax.eval_shape(GroupNorm(num_groups=5).init, key, x)
 
@@ -153,9 +154,9 @@ def test_output_shapes(overrides, input_shape, out_channels):
     x = jax.ShapeDtypeStruct(input_shape, jnp.float32)
     t = jax.ShapeDtypeStruct(input_shape[:1], jnp.int32)
     out, variables = jax.eval_shape(model.init_with_output, jax.random.key(0), x, t)
-    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(variables))
-    assert out.shape == (*input_shape[:3], out_channels)
-    assert out.dtype == jnp.float32
+    chex.assert_type(jax.tree.leaves(variables), jnp.float32)
+    chex.assert_shape(out, (*input_shape[:3], out_channels))
+    chex.assert_type(out, jnp.float32)
 
 
 def test_class_conditional_output_shape():
@@ -210,9 +211,9 @@ def test_init_is_float32_and_starts_at_zero_output():
     model = UNet(**SMALL, dtype=jnp.bfloat16)
     x, t = inputs()
     out, variables = compile_for_test(model.init_with_output, rbg_key(0), x, t)(rbg_key(0), x, t)
-    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(variables))
+    chex.assert_type(jax.tree.leaves(variables), jnp.float32)
     # DDPM initialises the last layer of every residual branch and the output conv at zero.
-    np.testing.assert_array_equal(out, 0.0)
+    chex.assert_trees_all_equal(out, jnp.zeros_like(out))
 
 
 def test_deterministic(conditional):
@@ -220,7 +221,7 @@ def test_deterministic(conditional):
     x, t = inputs()
     y = jnp.array([0, 1])
     out = apply(variables, x, t, y)
-    np.testing.assert_array_equal(apply(variables, x, t, y), out)
+    chex.assert_trees_all_equal(apply(variables, x, t, y), out)
     assert float(jnp.std(out)) > 0.1  # generic parameters give a non-trivial output
 
 
@@ -231,9 +232,9 @@ def test_dropout_only_in_training_with_a_key(conditional):
     key1, key2 = rbg_key(1), rbg_key(2)
     eval_out = apply(variables, x, t, y)
     # train=False ignores a dropout key.
-    np.testing.assert_array_equal(apply(variables, x, t, y, rngs={"dropout": key1}), eval_out)
+    chex.assert_trees_all_equal(apply(variables, x, t, y, rngs={"dropout": key1}), eval_out)
     train1 = apply(variables, x, t, y, train=True, rngs={"dropout": key1})
-    np.testing.assert_array_equal(
+    chex.assert_trees_all_equal(
         apply(variables, x, t, y, train=True, rngs={"dropout": key1}), train1
     )
     train2 = apply(variables, x, t, y, train=True, rngs={"dropout": key2})
@@ -252,8 +253,8 @@ def test_bfloat16_forward_is_finite_and_close_to_float32(conditional):
     out32 = apply(variables, x, t, y)
     apply16 = model.clone(dtype=jnp.bfloat16).apply
     out16 = compile_for_test(apply16, variables, x, t, y)(variables, x, t, y)
-    assert out16.dtype == jnp.float32
-    assert bool(jnp.all(jnp.isfinite(out16)))
+    chex.assert_type(out16, jnp.float32)
+    chex.assert_tree_all_finite(out16)
     # bf16 rounds to 8 significant bits (relative 2**-9 ~ 0.2%) at every layer of ~20, with a
     # bf16 residual stream. Measured over 5 parameter draws: mean error 0.7-1.0% of the
     # output's RMS, max 3-5%. Tolerance: mean < 2% and max < 10% of the RMS.
@@ -292,7 +293,7 @@ def test_class_conditioning_and_null_label(conditional):
     x, t = inputs()
     conditional_out = apply(variables, x, t, jnp.array([0, 1]))
     mixed = apply(variables, x, t, jnp.array([0, 3]))  # example 1 takes the null label
-    np.testing.assert_array_equal(mixed[0], conditional_out[0])  # labels act per example
+    chex.assert_trees_all_equal(mixed[0], conditional_out[0])  # labels act per example
     assert not np.allclose(mixed[1], conditional_out[1])
     # An out-of-range label cannot raise under jit; it poisons its own example with NaN.
     bad = apply(variables, x, t, jnp.array([0, 4]))
@@ -320,7 +321,7 @@ def test_remat_gives_same_output_and_gradients():
 
     value, grads = value_and_grads(model)
     remat_value, remat_grads = value_and_grads(remat_model)
-    np.testing.assert_allclose(remat_value, value, rtol=1e-5)
+    chex.assert_trees_all_close(remat_value, value, rtol=1e-5)
     chex.assert_trees_all_close(remat_grads, grads, rtol=1e-4, atol=1e-6)
     assert float(jnp.max(jnp.abs(grads[1]))) > 0
 
@@ -389,10 +390,11 @@ def test_make_model_fn_drives_the_core_loss_and_a_reverse_step():
     t = jnp.array([99, 50, 1, 0], jnp.int32)
     reverse_step = compile_for_test(reverse_step, step, x_t, t, x_t)
     x_prev = reverse_step(step, x_t, t, jnp.ones_like(x_t))
-    assert x_prev.shape == x_t.shape and bool(jnp.all(jnp.isfinite(x_prev)))
+    chex.assert_equal_shape((x_prev, x_t))
+    chex.assert_tree_all_finite(x_prev)
     # At t = 0 the step adds no noise: the same call with other noise agrees there.
     other = reverse_step(step, x_t, t, -jnp.ones_like(x_t))
-    np.testing.assert_allclose(x_prev[3], other[3], atol=1e-6)
+    chex.assert_trees_all_close(x_prev[3], other[3], rtol=1e-7, atol=1e-6)
     assert not np.allclose(x_prev[0], other[0])
 
 
