@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 
+import chex
 import grain
 import numpy as np
 import pytest
@@ -45,11 +46,13 @@ def _take(iterator, count):
 
 
 def _assert_batches_equal(batches_a, batches_b):
-    assert len(batches_a) == len(batches_b)
-    for batch_a, batch_b in zip(batches_a, batches_b, strict=True):
-        assert batch_a.keys() == batch_b.keys()
-        for key in batch_a:
-            np.testing.assert_array_equal(batch_a[key], batch_b[key])
+    """The same number of batches, each with the same keys, shapes, dtypes and values."""
+    chex.assert_trees_all_equal(batches_a, batches_b, strict=True)
+
+
+def _concatenate(blocks):
+    """The per-process blocks of one global batch, joined key by key."""
+    return {key: np.concatenate([block[key] for block in blocks]) for key in blocks[0]}
 
 
 def _rows(images, labels):
@@ -151,10 +154,7 @@ def test_processes_read_disjoint_blocks_of_the_same_global_batch(digits_dir, pro
         blocks = [batches[step] for batches in per_process]
         assert all(block["image"].shape == (100 // process_count, 12, 12, 1) for block in blocks)
         # Together the processes yield exactly the single-process global batch, flips included.
-        for key in global_batch:
-            np.testing.assert_array_equal(
-                np.concatenate([block[key] for block in blocks]), global_batch[key]
-            )
+        chex.assert_trees_all_equal(_concatenate(blocks), global_batch, strict=True)
 
 
 def test_two_processes_together_cover_the_epoch(digits_dir):

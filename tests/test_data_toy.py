@@ -1,5 +1,6 @@
 """Tests of the 2-D toy sets: their statistics, and that they go through the same pipeline."""
 
+import chex
 import numpy as np
 import pytest
 
@@ -78,9 +79,9 @@ def test_toy_sharding_and_state():
     single = [next(it) for it in [_iterator("swissroll", seed=5)] for _ in range(12)]
     halves = [_iterator("swissroll", seed=5, process_index=p, process_count=2) for p in range(2)]
     for global_batch in single:
-        np.testing.assert_array_equal(
-            np.concatenate([next(half)["x"] for half in halves]), global_batch["x"]
-        )
+        blocks = [next(half) for half in halves]
+        joined = {key: np.concatenate([block[key] for block in blocks]) for key in blocks[0]}
+        chex.assert_trees_all_equal(joined, global_batch, strict=True)
     # Over one epoch (10 batches of 1000) every point appears exactly once.
     epoch = np.concatenate([batch["x"] for batch in single[:10]])
     assert len(np.unique(epoch, axis=0)) == 10_000
@@ -91,7 +92,7 @@ def test_toy_sharding_and_state():
     resumed = _iterator("swissroll", seed=5)
     resumed.set_state(iterator.get_state())
     for expected in single[9:]:  # Across the epoch boundary.
-        np.testing.assert_array_equal(next(resumed)["x"], expected["x"])
+        chex.assert_trees_all_equal(next(resumed), expected, strict=True)
 
 
 def test_image_options_are_rejected_for_vectors():
