@@ -1,8 +1,9 @@
 """Test-session set-up shared by every test module.
 
 Runs before any test imports JAX: it exposes eight fake CPU devices (so multi-device code is
-exercised on this machine) and turns on JAX's persistent compilation cache so that a second
-run of the suite skips most XLA compilation.
+exercised on this machine, and the ``with_pmap`` variant of ``chex.variants`` splits a batch
+over them, see ``reference.call_variant``) and turns on JAX's persistent compilation cache so
+that a second run of the suite skips most XLA compilation.
 """
 
 import os
