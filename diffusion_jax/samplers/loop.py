@@ -23,7 +23,7 @@ from diffusion_jax.samplers.noise import initial_noise, step_noise
 from diffusion_jax.samplers.validation import SamplerOptions
 from diffusion_jax.schedules import Schedule
 
-__all__ = ["Trajectory", "run"]
+__all__ = ["Trajectory", "device_tables", "run"]
 
 
 class Trajectory(NamedTuple):
@@ -68,10 +68,6 @@ def run(
       ...               0.0, make_options(...))
     """
     first_index = jnp.asarray(first_index, jnp.int32)
-    device_tables = {
-        name: np.asarray(table, np.int32 if np.issubdtype(table.dtype, np.integer) else np.float32)
-        for name, table in tables.items()
-    }
     return _scan(
         params,
         initial_noise(key, first_index, sampler_options.shape),
@@ -79,7 +75,7 @@ def run(
         first_index,
         step_schedule,
         (np.arange(len(timesteps), dtype=np.int32), np.asarray(timesteps, np.int32)),
-        device_tables,
+        device_tables(tables),
         {} if model_kwargs is None else dict(model_kwargs),
         None if uncond_kwargs is None else dict(uncond_kwargs),
         jnp.asarray(1.0 if guidance_scale is None else guidance_scale, jnp.float32),
@@ -87,6 +83,14 @@ def run(
         model_fn=model_fn,
         sampler_options=sampler_options,
     )
+
+
+def device_tables(tables: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A plan's host tables as the loop scans them: integer ones int32, the others float32."""
+    return {
+        name: np.asarray(table, np.int32 if np.issubdtype(table.dtype, np.integer) else np.float32)
+        for name, table in tables.items()
+    }
 
 
 @_runtime.jit(static_argnames=("model_fn", "sampler_options"))
