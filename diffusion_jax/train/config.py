@@ -203,32 +203,25 @@ def build_model(config: ml_collections.ConfigDict, data_shape: tuple, num_classe
     if m.name == "mlp":
         if len(data_shape) != 1:
             raise ValueError(f"model.name = 'mlp' needs vector data [B, D], got {data_shape}.")
-        return models.MLP(
-            features=m.ch,
-            num_layers=m.num_res_blocks,
-            out_dim=out,
-            num_classes=classes,
-            dropout=m.dropout,
-            dtype=dtype,
-        )
-    if len(data_shape) != 3:
-        raise ValueError(f"model.name = 'unet' needs images [B, H, W, C], got {data_shape}.")
-    return models.UNet(
-        ch=m.ch,
-        ch_mult=tuple(m.ch_mult),
-        num_res_blocks=m.num_res_blocks,
-        attn_resolutions=tuple(m.attn_resolutions),
-        dropout=m.dropout,
-        out_channels=out,
-        num_classes=classes,
-        dtype=dtype,
-        num_groups=m.num_groups,
-        num_heads=m.num_heads,
-        conv_resample=m.conv_resample,
-        resblock_updown=m.resblock_updown,
-        use_scale_shift_norm=m.use_scale_shift_norm,
-        remat=m.remat,
-    )
+        # The MLP's width and depth are the config's ch and num_res_blocks.
+        fields = {"features": m.ch, "num_layers": m.num_res_blocks, "out_dim": out}
+    else:
+        if len(data_shape) != 3:
+            raise ValueError(f"model.name = 'unet' needs images [B, H, W, C], got {data_shape}.")
+        fields = {
+            "ch": m.ch,
+            "ch_mult": m.ch_mult,
+            "num_res_blocks": m.num_res_blocks,
+            "attn_resolutions": m.attn_resolutions,
+            "out_channels": out,
+            "num_groups": m.num_groups,
+            "num_heads": m.num_heads,
+            "conv_resample": m.conv_resample,
+            "resblock_updown": m.resblock_updown,
+            "use_scale_shift_norm": m.use_scale_shift_norm,
+            "remat": m.remat,
+        }
+    return models.get_model(m.name, dropout=m.dropout, num_classes=classes, dtype=dtype, **fields)
 
 
 def build_optimizer(
