@@ -24,7 +24,7 @@ import trainer_helpers as h
 
 from diffusion_jax import data, options
 from diffusion_jax.evaluation import __main__ as evaluate_cli
-from diffusion_jax.evaluation import fid
+from diffusion_jax.evaluation import fid, scoring
 from diffusion_jax.models import inception
 from diffusion_jax.train import checkpoint
 from diffusion_jax.train import config as config_lib
@@ -380,7 +380,7 @@ def test_fid_errors_name_the_argument(
 ):
     stats = fid.save_statistics(str(tmp_path / "s.npz"), np.zeros(2048), np.eye(2048))
     with pytest.raises(options.ArgumentError, match=message) as raised:
-        fid.fid_from_workdir(
+        scoring.fid_from_workdir(
             str(digits_workdir), stats, inception_weights=weights_file, progress=False, **kwargs
         )
     assert raised.value.argument == argument

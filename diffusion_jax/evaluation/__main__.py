@@ -25,13 +25,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from diffusion_jax.evaluation.digits_check import DIGITS_CONFIDENCE, digits_report
-from diffusion_jax.evaluation.fid import (
-    WEIGHTS_ENV,
-    convert_torch_file,
-    fid_from_workdir,
-    ref_stats,
-)
+from diffusion_jax.evaluation.inception_weights import WEIGHTS_ENV, convert_torch_file
 from diffusion_jax.evaluation.likelihood import format_nll, nll_from_workdir
+from diffusion_jax.evaluation.scoring import fid_from_workdir, ref_stats
 from diffusion_jax.options import ArgumentError
 from diffusion_jax.train.checkpoint import CheckpointError
 
