@@ -12,6 +12,11 @@ a single point is recovered exactly by every method at any step count; Gaussian 
 with the right mean and variance within the per-method tolerances of ``GAUSSIAN_CASES``; the
 deterministic samplers converge to the exact probability-flow solution at their order; each
 method matches a float64 reference written from its paper's equations, noise for noise.
+
+These tests run ``sample`` end to end (it compiles one scan per configuration, so they do not
+repeat under ``chex.variants``). The per-step pieces (noise, guidance, each update rule) run
+under variants in ``test_sampler_steps.py``; the registry and the validated options are tested
+in ``test_sampler_registry.py``.
 """
 
 from __future__ import annotations
@@ -117,8 +122,8 @@ def _stats(x):
     ],
 )
 def test_timesteps_for_examples(spacing, expected):
-    np.testing.assert_array_equal(timesteps_for(100, 4, spacing), expected)
-    assert timesteps_for(100, 4, spacing).dtype == np.int32
+    chex.assert_trees_all_equal(timesteps_for(100, 4, spacing), np.array(expected, np.int32))
+    chex.assert_type(timesteps_for(100, 4, spacing), np.int32)
 
 
 @given(
@@ -129,10 +134,10 @@ def test_timesteps_for_examples(spacing, expected):
 def test_timesteps_for_properties(num_timesteps, frac, spacing):
     num_steps = max(1, round(frac * num_timesteps))
     steps = timesteps_for(num_timesteps, num_steps, spacing)
-    assert steps.shape == (num_steps,)
+    chex.assert_shape(steps, (num_steps,))
     assert np.all(np.diff(steps) < 0) and steps[0] <= num_timesteps - 1 and steps[-1] >= 0
     if num_steps == num_timesteps:
-        np.testing.assert_array_equal(steps, np.arange(num_timesteps)[::-1])
+        chex.assert_trees_all_equal(steps, np.arange(num_timesteps, dtype=np.int32)[::-1])
     if spacing in ("linspace", "trailing", "quadratic"):
         assert steps[0] == num_timesteps - 1
 
@@ -141,10 +146,13 @@ def test_respace_recomputes_betas_like_improved_diffusion():
     steps = timesteps_for(T, 10, "trailing")
     chain = samplers.respace(SCHEDULE, steps)
     abar = np.cumprod(1.0 - np.asarray(SCHEDULE.betas, np.float64))[np.sort(steps)]
-    np.testing.assert_allclose(chain.alphas_cumprod, abar, rtol=1e-6)
-    np.testing.assert_allclose(chain.betas, 1.0 - abar / np.append(1.0, abar[:-1]), rtol=1e-6)
+    chex.assert_trees_all_close(
+        (chain.alphas_cumprod, chain.betas),
+        (abar, 1.0 - abar / np.append(1.0, abar[:-1])),
+        rtol=1e-6,
+    )
     full = samplers.respace(SCHEDULE, np.arange(T))
-    np.testing.assert_allclose(full.betas, SCHEDULE.betas, rtol=1e-5)
+    chex.assert_trees_all_close(full.betas, SCHEDULE.betas, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------- single point
@@ -156,15 +164,6 @@ def _point_tol(num_steps, spacing):
     errors, divided by a = sqrt(abar) at the last visited step (4.9e-4 at t = 99)."""
     last_t = timesteps_for(T, num_steps, spacing)[-1]
     return 2e-5 + 1e-6 / float(SCHEDULE.sqrt_alphas_cumprod[last_t])
-
-
-ALL_METHODS = [
-    ("ddpm", {}),
-    ("ddpm", {"variance": "fixed_large"}),
-    ("ddim", {}),
-    ("ddim", {"eta": 0.6}),
-    ("dpm_solver++", {}),
-]
 
 
 # (method, options, step counts); all T steps are covered by the Gaussian and reference cases.
@@ -193,7 +192,7 @@ def test_single_point_is_recovered_at_any_step_count(method, options, step_count
                 **options,
             )
             tol = _point_tol(num_steps, spacing)
-            np.testing.assert_allclose(out, np.broadcast_to(POINT, (32, 4)), atol=tol)
+            chex.assert_trees_all_close(out, np.broadcast_to(POINT, (32, 4)), atol=tol, rtol=0)
 
 
 @pytest.mark.parametrize("parameterization", ["x0", "v"])
@@ -212,9 +211,8 @@ def test_single_point_other_parameterizations(method, parameterization):
             parameterization=parameterization,
             clip_x0=False,
         )
-        np.testing.assert_allclose(
-            out, np.broadcast_to(POINT, (32, 4)), atol=_point_tol(7, spacing)
-        )
+        expected = np.broadcast_to(POINT, (32, 4))
+        chex.assert_trees_all_close(out, expected, atol=_point_tol(7, spacing), rtol=0)
 
 
 @pytest.mark.parametrize(
@@ -240,7 +238,7 @@ def test_clip_options_pass_through(clip_x0, expected):
             num_steps=5,
             clip_x0=clip_x0,
         )
-        np.testing.assert_allclose(out, expected, atol=2e-5)
+        chex.assert_trees_all_close(out, expected, atol=2e-5, rtol=0)
 
 
 # ----------------------------------------------------------------------------- Gaussian data
@@ -428,14 +426,14 @@ def test_matches_float64_reference(method, options, num_steps, spacing, atol):
         noises,
         eta=options.get("eta", 0.0),
     )
-    np.testing.assert_allclose(out, expected, atol=atol)
+    chex.assert_trees_all_close(out, expected, atol=atol, rtol=0)
 
 
 def test_dpm_solver_ratio_guard_only_acts_on_jumps():
     """At 10 linspace steps only the jump into t = 0 is first order; trailing has no jump."""
     for spacing, expected_first_order in (("linspace", [0, 8, 9]), ("trailing", [0, 9])):
         _, tables = dpm_solver.plan(SCHEDULE, timesteps_for(T, 10, spacing))
-        np.testing.assert_array_equal(np.flatnonzero(tables["w_prev"] == 0), expected_first_order)
+        assert list(np.flatnonzero(tables["w_prev"] == 0)) == expected_first_order
 
 
 def test_ddim_eta_one_with_all_steps_is_ancestral_sampling():
@@ -443,7 +441,7 @@ def test_ddim_eta_one_with_all_steps_is_ancestral_sampling():
     key = jax.random.key(3)
     ddpm = sample(exact_model(), None, SCHEDULE, key, STATS_SHAPE, method="ddpm", **kwargs)
     ddim = sample(exact_model(), None, SCHEDULE, key, STATS_SHAPE, method="ddim", eta=1.0, **kwargs)
-    np.testing.assert_allclose(ddim, ddpm, atol=2e-5)
+    chex.assert_trees_all_close(ddim, ddpm, atol=2e-5, rtol=0)
 
 
 # ----------------------------------------------------------------------------- guidance
@@ -504,7 +502,8 @@ def _guided(model, batch, scale, first_index=0, **kwargs):
 def test_guidance_scale_one_is_plain_conditional_sampling():
     kwargs = dict(method="dpm_solver++", num_steps=10)
     plain = _guided(labelled_model(), 32, None, **kwargs)
-    np.testing.assert_allclose(_guided(labelled_model(), 32, 1.0, **kwargs), plain, atol=1e-5)
+    guided = _guided(labelled_model(), 32, 1.0, **kwargs)
+    chex.assert_trees_all_close(guided, plain, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("parameterization", ["eps", "x0", "v"])
@@ -515,7 +514,7 @@ def test_guidance_mixes_cond_and_uncond_in_every_parameterization(parameterizati
     guided = _guided(
         labelled_model(parameterization), 32, 3.0, parameterization=parameterization, **kwargs
     )
-    np.testing.assert_allclose(guided, expected, atol=2e-4)
+    chex.assert_trees_all_close(guided, expected, atol=2e-4, rtol=0)
 
 
 def test_guidance_is_one_model_call_on_the_doubled_batch():
@@ -533,7 +532,7 @@ def test_learned_variance_guidance_keeps_the_conditional_variance():
     kwargs = dict(method="ddpm", num_steps=10, variance="learned_range")
     expected = _guided(labelled_model(learned=True, pre_guided_scale=2.0), 64, None, **kwargs)
     guided = _guided(labelled_model(learned=True), 64, 2.0, **kwargs)
-    np.testing.assert_allclose(guided, expected, atol=1e-4)
+    chex.assert_trees_all_close(guided, expected, atol=1e-4, rtol=0)
 
 
 # ----------------------------------------------------------------------------- reproducibility
@@ -542,13 +541,13 @@ def test_learned_variance_guidance_keeps_the_conditional_variance():
 def test_batch_invariance_and_sharding():
     """One batch of 64 == four batches of 16 (first_index 0, 16, 32, 48) == 64 on 8 devices."""
     noise = [step_noise(jax.random.key(4), 5, (16, 4), first_index=i) for i in (0, 16, 32, 48)]
-    np.testing.assert_array_equal(np.concatenate(noise), step_noise(jax.random.key(4), 5, (64, 4)))
+    chex.assert_trees_all_equal(np.concatenate(noise), step_noise(jax.random.key(4), 5, (64, 4)))
 
     kwargs = dict(method="ddpm", num_steps=10, variance="learned_range")
     model = labelled_model(learned=True)
     whole = _guided(model, 64, 2.0, **kwargs)
     parts = [_guided(model, 16, 2.0, first_index=i, **kwargs) for i in (0, 16, 32, 48)]
-    np.testing.assert_allclose(np.concatenate(parts), whole, atol=1e-6)
+    chex.assert_trees_all_close(np.concatenate(parts), whole, atol=1e-6, rtol=0)
 
     mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
     sharding = NamedSharding(mesh, P("data"))
@@ -556,7 +555,47 @@ def test_batch_invariance_and_sharding():
     assert len(sharded.sharding.device_set) == 8
     # Same noise bit for bit; XLA:CPU vectorises 8-row shards differently, and the first step
     # amplifies that last-bit rounding by 1 / sqrt(abar_99) ~ 2000.
-    np.testing.assert_allclose(sharded, whole, atol=2e-5)
+    chex.assert_trees_all_close(sharded, whole, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "method, options",
+    [("ddim", {"eta": 0.5}), ("dpm_solver++", {"return_trajectory": True, "trajectory_every": 2})],
+)
+def test_sample_inside_shard_map(method, options):
+    """Each of 8 devices draws its 4 examples (first_index = 4 * device) inside ``shard_map``
+    with ``check_vma``: the loop's carries (solver state, trajectory) and the step noise have
+    the device-varying type of x_T, and the samples are those of one batch of 32."""
+    kwargs = dict(method=method, num_steps=6, **options)
+    model = labelled_model()
+
+    def per_device(labels, null):
+        first_index = jax.lax.axis_index("data") * labels.shape[0]
+        out = sample(
+            model,
+            jnp.float32(1.0),
+            SCHEDULE,
+            jax.random.key(4),
+            (labels.shape[0], 4),
+            model_kwargs={"y": labels},
+            uncond_kwargs={"y": null},
+            guidance_scale=2.0,
+            first_index=first_index,
+            clip_x0=False,
+            **kwargs,
+        )
+        return out.samples if isinstance(out, samplers.Trajectory) else out
+
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+    sharded = jax.jit(
+        jax.shard_map(per_device, mesh=mesh, in_specs=(P("data"), P("data")), out_specs=P("data"))
+    )
+    labels = jnp.arange(32) % 3
+    got = sharded(labels, jnp.full(32, NULL))
+    whole = _guided(model, 32, 2.0, **kwargs)
+    whole = whole.samples if isinstance(whole, samplers.Trajectory) else whole
+    # As above: last-bit rounding of other program shapes, amplified at t = 99.
+    chex.assert_trees_all_close(got, whole, atol=2e-5, rtol=0)
 
 
 def test_compiles_once_per_shape_and_step_count():
@@ -616,7 +655,7 @@ def test_compiles_once_per_shape_and_step_count():
         model_kwargs={"y": labels},
         method="dpm_solver++",
     )
-    np.testing.assert_allclose(jitted(jax.random.key(5), 1.0, labels), eager, atol=1e-5)
+    chex.assert_trees_all_close(jitted(jax.random.key(5), 1.0, labels), eager, atol=1e-5, rtol=0)
 
 
 def test_traced_schedule_is_a_clear_error():
@@ -640,11 +679,9 @@ def test_trajectory(method, options, every, frames):
     )
     assert isinstance(traj, samplers.Trajectory)
     chex.assert_shape([traj.xs, traj.pred_x0s], (frames, 8, 4))
-    np.testing.assert_array_equal(traj.timesteps, timesteps_for(T, num_steps)[:: every or 1])
-    np.testing.assert_array_equal(traj.xs[0], step_noise(key, 0, (8, 4)))
-    np.testing.assert_array_equal(
-        traj.samples, sample(model, None, SCHEDULE, key, (8, 4), **kwargs)
-    )
+    chex.assert_trees_all_equal(traj.timesteps, timesteps_for(T, num_steps)[:: every or 1])
+    chex.assert_trees_all_equal(traj.xs[0], step_noise(key, 0, (8, 4)))
+    chex.assert_trees_all_equal(traj.samples, sample(model, None, SCHEDULE, key, (8, 4), **kwargs))
     # Each snapshot pairs x_t with the x0 predicted from it at the recorded timestep.
     steps = np.asarray(traj.timesteps)
     a = np.asarray(SCHEDULE.sqrt_alphas_cumprod, np.float64)[steps][:, None, None]
@@ -679,7 +716,7 @@ def test_model_sees_original_timesteps(method):
         ).block_until_ready()
         jax.effects_barrier()  # callbacks run asynchronously
         assert all(t.dtype == np.int32 and t.shape == (4,) and len(set(t)) == 1 for t in seen)
-        np.testing.assert_array_equal([t[0] for t in seen], timesteps_for(T, 7, spacing))
+        chex.assert_trees_all_equal(np.array([t[0] for t in seen]), timesteps_for(T, 7, spacing))
 
 
 # ----------------------------------------------------------------------------- errors
