@@ -164,17 +164,17 @@ def sample(
         model_fn,
         params,
         key,
-        first_index,
         step_schedule,
         timesteps,
         tables,
-        model_kwargs,
-        uncond_kwargs,
-        guidance_scale,
-        eta,
         sampler_options,
+        model_kwargs=model_kwargs,
+        uncond_kwargs=uncond_kwargs,
+        guidance_scale=guidance_scale,
+        eta=eta,
+        first_index=first_index,
     )
-    if sampler_options.trajectory_every is None:
-        return x
     every = sampler_options.trajectory_every
+    if every is None:
+        return x
     return Trajectory(x, xs, pred_x0s, jnp.asarray(timesteps[::every]))

@@ -39,33 +39,38 @@ def run(
     model_fn: Callable[..., jax.Array],
     params: Any,
     key: jax.Array,
-    first_index: int | jax.Array,
     step_schedule: Schedule,
     timesteps: np.ndarray,
     tables: dict[str, np.ndarray],
+    sampler_options: SamplerOptions,
+    *,
     model_kwargs: dict[str, Any] | None,
     uncond_kwargs: dict[str, Any] | None,
     guidance_scale: float | jax.Array | None,
     eta: float,
-    sampler_options: SamplerOptions,
+    first_index: int | jax.Array,
 ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
     """Draws x_T and runs the compiled loop over a method's plan.
 
     Args:
-      model_fn, params, key, first_index, model_kwargs, uncond_kwargs, guidance_scale, eta:
-        as validated by :func:`~diffusion_jax.samplers.validation.make_options`
-        (``uncond_kwargs`` None: no guidance).
-      step_schedule, tables: the method's plan (host tables of ``num_steps`` rows; integer
-        ones reach the device as int32, the others as float32).
-      timesteps: int32 ``[num_steps]``, the original timesteps the model sees.
+      model_fn: ``model_fn(params, x_t, t, **model_kwargs) -> output`` (static: hashable).
+      params: the model's parameters.
+      key: the PRNG key of the run (see :func:`~diffusion_jax.samplers.noise.step_noise`).
+      step_schedule: the schedule the method's update indexes (from its plan).
+      timesteps: int32 ``[num_steps]``, the original timesteps the model sees, in order.
+      tables: the plan's host tables, ``num_steps`` rows each (see :func:`device_tables`).
       sampler_options: the static options.
+      model_kwargs, uncond_kwargs, guidance_scale, eta, first_index: as ``sample`` takes them,
+        checked by :func:`~diffusion_jax.samplers.validation.make_options`
+        (``uncond_kwargs=None``: no guidance).
 
     Returns:
       ``(samples, xs, pred_x0s)``; the snapshots are None without a trajectory.
 
     Example:
-      >>> x, _, _ = run(model_fn, params, key, 0, schedule, steps, tables, None, None, None,
-      ...               0.0, make_options(...))
+      >>> x, _, _ = run(model_fn, params, key, schedule, steps, tables, make_options(...),
+      ...               model_kwargs=None, uncond_kwargs=None, guidance_scale=None, eta=0.0,
+      ...               first_index=0)
     """
     first_index = jnp.asarray(first_index, jnp.int32)
     return _scan(
