@@ -788,7 +788,13 @@ def test_nll_bpd_closed_form_for_a_one_point_dataset(
     for example in range(2):
         bits_close(result.terms_bpd[example, 1:], terms, what="L_t, t > 0")
     bits_close(result.total_bpd, [decoder_bits + prior + terms.sum()] * 2, what="total")
-    chex.assert_trees_all_close(result.mse, np.zeros(result.mse.shape), rtol=0.0, atol=1e-8)
+    # The ideal denoiser recovers x0 up to float32 rounding, which x0 = (x_t - sqrt(1 - abar)
+    # eps) / sqrt(abar) amplifies by 1/sqrt(abar): about 1e-4 at cosine's last step (T = 30).
+    rounding = (8 * np.finfo(np.float32).eps / np.sqrt(tab["alphas_cumprod"])) ** 2
+    excess = np.asarray(result.mse) - np.maximum(rounding, 1e-12)
+    assert np.all(excess <= 0.0), (
+        f"x0 MSE above float32 rounding at t = {np.argmax(excess) % NLL_T}"
+    )
 
 
 def test_nll_bpd_compiles_once_and_passes_model_kwargs():
