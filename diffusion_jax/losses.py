@@ -108,7 +108,7 @@ def discretized_gaussian_log_likelihood(
 
 
 def min_snr_weight(
-    schedule: Schedule, t: jax.Array, gamma: float, parameterization: str
+    schedule: Schedule, t: jax.Array, gamma: float, parameterization: options.Parameterization
 ) -> jax.Array:
     """Min-SNR-gamma loss weights (Hang et al. 2023) for the MSE to each target.
 
@@ -137,8 +137,8 @@ def vb_terms_bpd(
     x_t: jax.Array,
     t: jax.Array,
     *,
-    parameterization: str = "eps",
-    variance: str = "fixed_small",
+    parameterization: options.Parameterization = "eps",
+    variance: options.Variance = "fixed_small",
     clip_x0: diffusion.ClipX0 = False,
     num_bins: int = 256,
 ) -> jax.Array:
@@ -198,9 +198,9 @@ def training_loss(
     x0: jax.Array,
     key: jax.Array,
     *,
-    parameterization: str = "eps",
-    variance: str = "fixed_small",
-    loss_type: str = "simple",
+    parameterization: options.Parameterization = "eps",
+    variance: options.Variance = "fixed_small",
+    loss_type: options.LossType = "simple",
     min_snr_gamma: float | None = None,
     model_kwargs: dict[str, Any] | None = None,
     timestep_probs: jax.Array | None = None,
@@ -318,8 +318,8 @@ def nll_bpd(
     x0: jax.Array,
     key: jax.Array,
     *,
-    parameterization: str = "eps",
-    variance: str = "fixed_small",
+    parameterization: options.Parameterization = "eps",
+    variance: options.Variance = "fixed_small",
     clip_x0: diffusion.ClipX0 = True,
     model_kwargs: dict[str, Any] | None = None,
     num_bins: int = 256,

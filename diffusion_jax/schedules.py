@@ -94,7 +94,7 @@ SCHEDULES: dict[str, Callable[..., np.ndarray]] = {
 assert tuple(SCHEDULES) == options.SCHEDULE_NAMES
 
 
-def beta_table(name: str, num_timesteps: int = 1000, **kwargs) -> np.ndarray:
+def beta_table(name: options.ScheduleName, num_timesteps: int = 1000, **kwargs) -> np.ndarray:
     """The float64 betas of a named schedule.
 
     Args:
@@ -120,7 +120,7 @@ def beta_table(name: str, num_timesteps: int = 1000, **kwargs) -> np.ndarray:
         raise ValueError(f"Bad parameters for schedule {name!r}: {kwargs}. ({err})") from None
 
 
-def get_schedule(name: str, num_timesteps: int = 1000, **kwargs) -> Schedule:
+def get_schedule(name: options.ScheduleName, num_timesteps: int = 1000, **kwargs) -> Schedule:
     """Builds a named schedule.
 
     Args:

@@ -29,7 +29,9 @@ def check_num_steps(num_timesteps: int, num_steps: Any) -> int:
     return int(num_steps)
 
 
-def timesteps_for(num_timesteps: int, num_steps: int, spacing: str = "linspace") -> np.ndarray:
+def timesteps_for(
+    num_timesteps: int, num_steps: int, spacing: options.Spacing = "linspace"
+) -> np.ndarray:
     """The original timesteps a ``num_steps``-step sampler visits, in the order it visits them.
 
     * ``linspace``: ``round(linspace(T - 1, 0, n))``, both ends included.

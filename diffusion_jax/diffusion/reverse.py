@@ -89,7 +89,7 @@ def clip_pred_x0(x0: jax.Array, clip_x0: ClipX0) -> jax.Array:
 
 
 def split_model_output(
-    model_output: jax.Array, x_t: jax.Array, variance: str
+    model_output: jax.Array, x_t: jax.Array, variance: options.Variance
 ) -> tuple[jax.Array, jax.Array | None]:
     """Splits a model output into its mean part and (for ``learned_range``) its variance part.
 
@@ -126,8 +126,8 @@ def p_mean_variance(
     x_t: jax.Array,
     t: jax.Array,
     *,
-    parameterization: str = "eps",
-    variance: str = "fixed_small",
+    parameterization: options.Parameterization = "eps",
+    variance: options.Variance = "fixed_small",
     clip_x0: ClipX0 = True,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """The learned reverse Gaussian p(x_{t-1} | x_t) = N(mean, variance).
@@ -180,8 +180,8 @@ def p_sample(
     t: jax.Array,
     noise: jax.Array,
     *,
-    parameterization: str = "eps",
-    variance: str = "fixed_small",
+    parameterization: options.Parameterization = "eps",
+    variance: options.Variance = "fixed_small",
     clip_x0: ClipX0 = True,
 ) -> jax.Array:
     """One ancestral step: x_{t-1} = mean + exp(log_variance / 2) * noise, noiseless at t = 0.
@@ -222,8 +222,8 @@ def ddim_step(
     noise: jax.Array,
     *,
     eta: float | jax.Array = 0.0,
-    parameterization: str = "eps",
-    variance: str = "fixed_small",
+    parameterization: options.Parameterization = "eps",
+    variance: options.Variance = "fixed_small",
     clip_x0: ClipX0 = True,
 ) -> jax.Array:
     """One DDIM step from ``t`` to ``t_prev`` (Song et al. 2021, eq. 12).

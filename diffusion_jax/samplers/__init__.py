@@ -34,6 +34,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax import options
 from diffusion_jax.diffusion import ClipX0
 from diffusion_jax.samplers import loop, registry
 from diffusion_jax.samplers.dpm_solver import MIN_STEP_RATIO
@@ -67,12 +68,12 @@ def sample(
     key: jax.Array,
     shape: tuple[int, ...],
     *,
-    method: str = "ddpm",
+    method: options.SamplerMethod = "ddpm",
     num_steps: int | None = None,
-    timestep_spacing: str = "linspace",
+    timestep_spacing: options.Spacing = "linspace",
     eta: float = 0.0,
-    parameterization: str = "eps",
-    variance: str = "fixed_small",
+    parameterization: options.Parameterization = "eps",
+    variance: options.Variance = "fixed_small",
     clip_x0: ClipX0 = True,
     model_kwargs: dict[str, Any] | None = None,
     guidance_scale: float | jax.Array | None = None,

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import diffusion
+from diffusion_jax import diffusion, options
 from diffusion_jax.diffusion import ClipX0
 from diffusion_jax.schedules import Schedule
 
@@ -35,8 +35,8 @@ class Step(NamedTuple):
     model_output: jax.Array  # [B, ...] (or [B, ..., 2C] for learned_range), already guided
     noise: jax.Array  # [B, ...] standard normal; zeros unless the method is stochastic
     eta: jax.Array  # float32 scalar, DDIM's stochasticity (0 for other methods)
-    parameterization: str  # what the model predicts: eps, x0 or v
-    variance: str  # fixed_small, fixed_large or learned_range
+    parameterization: options.Parameterization  # what the model predicts: eps, x0 or v
+    variance: options.Variance  # fixed_small, fixed_large or learned_range
     clip_x0: ClipX0  # see diffusion.clip_pred_x0
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax import diffusion
+from diffusion_jax import diffusion, options
 
 __all__ = ["check_kwargs", "model_output"]
 
@@ -25,7 +25,7 @@ def model_output(
     model_kwargs: dict[str, Any],
     uncond_kwargs: dict[str, Any] | None,
     guidance_scale: jax.Array,
-    variance: str,
+    variance: options.Variance,
 ) -> jax.Array:
     """The (guided) model output at ``(x, t)``, in ``x``'s dtype.
 

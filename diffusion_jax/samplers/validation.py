@@ -32,8 +32,8 @@ class SamplerOptions:
     method: Method  # the registered method
     shape: tuple[int, ...]  # [B, ...] of the samples
     num_steps: int  # model evaluations, in [1, T]
-    parameterization: str  # eps, x0 or v
-    variance: str  # fixed_small, fixed_large or learned_range
+    parameterization: options.Parameterization  # eps, x0 or v
+    variance: options.Variance  # fixed_small, fixed_large or learned_range
     clip_x0: ClipX0  # False, True, (low, high) or a callable
     stochastic: bool  # the updates draw noise
     trajectory_every: int | None  # snapshot every this many steps; None records nothing
@@ -44,12 +44,12 @@ def make_options(
     schedule: Schedule,
     shape: tuple[int, ...],
     *,
-    method: str,
+    method: options.SamplerMethod,
     num_steps: int | None,
-    timestep_spacing: str,
+    timestep_spacing: options.Spacing,
     eta: float,
-    parameterization: str,
-    variance: str,
+    parameterization: options.Parameterization,
+    variance: options.Variance,
     clip_x0: ClipX0,
     model_kwargs: dict[str, Any] | None,
     guidance_scale: float | jax.Array | None,

@@ -45,7 +45,7 @@ def generate(
     num: int,
     batch_size: int,
     seed: int,
-    method: str,
+    method: options.SamplerMethod,
     num_steps: int,
     is_image: bool,
     eta: float = 0.0,
