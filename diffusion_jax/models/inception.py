@@ -17,6 +17,10 @@ Parameter names follow the PyTorch module names (``Mixed_5b/branch1x1/conv/kerne
 :func:`convert_torch_weights` maps pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth`` one
 to one. The weights themselves are never downloaded here: see :mod:`diffusion_jax.evaluation.fid`.
 
+The module is one file (about 425 lines, over the house's ~400) because it mirrors the
+reference network block by block, in the reference's order: splitting it would separate blocks
+that are only read side by side with pytorch-fid's.
+
 Example:
   >>> model = InceptionV3()
   >>> images = jnp.zeros((2, 32, 32, 3))  # [0, 1]
