@@ -1,6 +1,7 @@
 """diffusion_jax.train.checkpoint: round trips, resharding, corruption, refusal, retention."""
 
 import glob
+import json
 import logging
 import os
 import shutil
@@ -18,6 +19,7 @@ from diffusion_jax.train.checkpoint import (
     CheckpointManager,
     Restored,
     restore_params,
+    restore_params_with_config,
 )
 
 # A read that fails leaves orbax's other pending reads to finish on a closed event loop; Python
@@ -449,3 +451,109 @@ def test_restore_params_falls_back_on_corrupt_newest(tmp_path, caplog, corrupt):
     _assert_bitwise_equal(ema, states[1]["ema_params"])
     assert os.path.join(directory, "2") in caplog.text
     assert os.path.isdir(os.path.join(directory, "2"))  # a reader moves nothing
+
+
+# --------------------------------------------------------------------------- JSON items
+
+
+def _rewrite_item(directory, step, name, edit):
+    """Rewrites the JSON item ``name`` of ``step`` as ``edit(stored JSON object)``."""
+    path = os.path.join(directory, str(step), name, "metadata")
+    with open(path) as f:
+        stored = json.load(f)
+    with open(path, "w") as f:
+        json.dump(edit(stored), f)
+
+
+JSON_EDITS = {
+    # Valid JSON of the stored form with other values (the digest no longer matches).
+    "data_state_values": ("data_state", lambda item: {**item, "value": {"pos": 7}}),
+    "config_values": ("config", lambda item: {**item, "value": {"lr": 0.5}}),
+    # Another structure altogether.
+    "data_state_structure": ("data_state", lambda item: [1, 2, 3]),
+    "config_structure": ("config", lambda item: {"value": [1, 2], "sha256": item["sha256"]}),
+    # An old-format item (no digest) whose config is not an object.
+    "config_not_object": ("config", lambda item: {"value": "lr=0.5"}),
+}
+
+
+@pytest.mark.parametrize("edit", list(JSON_EDITS.values()), ids=list(JSON_EDITS))
+def test_edited_json_item_of_newest_falls_back_for_every_reader(tmp_path, caplog, edit):
+    name, change = edit
+    directory = str(tmp_path / "ckpt")
+    states = _save_steps(directory, [1, 2])
+    _rewrite_item(directory, 2, name, change)
+    newest = os.path.join(directory, "2")
+    with caplog.at_level(logging.WARNING, logger="diffusion_jax.train.checkpoint"):
+        # The readers (sampling, evaluation) first: they move nothing.
+        step, params = restore_params_with_config(directory, lambda config: None)
+        assert step == 1
+        _assert_bitwise_equal(params, states[1]["ema_params"])
+        with CheckpointManager(directory) as manager:
+            assert manager.read_config() == {"lr": 0.1}
+        assert newest in caplog.text and "using step 1" in caplog.text
+        caplog.clear()
+        # The trainer's restore.
+        with CheckpointManager(directory) as manager:
+            restored = manager.restore(_abstract(states[2], _one_device))
+        assert (restored.step, restored.data_state, restored.config) == (1, {"pos": 1}, {"lr": 0.1})
+        assert newest in caplog.text
+        assert os.path.isdir(os.path.join(directory, "corrupt", "2"))
+
+
+def test_json_items_without_digests_still_load(tmp_path):
+    directory = str(tmp_path / "ckpt")
+    states = _save_steps(directory, [1])
+    for name in ("data_state", "config"):
+        _rewrite_item(directory, 1, name, lambda item: {"value": item["value"]})
+    with CheckpointManager(directory) as manager:
+        restored = manager.restore(_abstract(states[1], _one_device))
+        assert (restored.step, restored.data_state, restored.config) == (1, {"pos": 1}, {"lr": 0.1})
+        assert manager.read_config() == {"lr": 0.1}
+
+
+def test_a_step_the_check_refuses_falls_back(tmp_path, caplog):
+    """The trainer passes the data pipeline's set_state: a position it refuses is skipped."""
+    directory = str(tmp_path / "ckpt")
+    states = _save_steps(directory, [1, 2])
+
+    def check(restored):
+        if restored.data_state["pos"] == 2:
+            raise KeyError("the pipeline cannot use this position")
+
+    with caplog.at_level(logging.WARNING, logger="diffusion_jax.train.checkpoint"):
+        with CheckpointManager(directory) as manager:
+            assert manager.restore(_abstract(states[2], _one_device), check=check).step == 1
+    assert "cannot use this position" in caplog.text
+
+
+def test_an_unusable_config_falls_back_but_a_bad_request_is_its_own_error(tmp_path, caplog):
+    directory = str(tmp_path / "ckpt")
+    _save_steps(directory, [1, 2])
+
+    def newest_unusable(config):
+        if config is None:
+            raise AttributeError("config.model is missing")
+        return None
+
+    _rewrite_item(directory, 2, "config", lambda item: {"value": None})  # old format, no model
+    with caplog.at_level(logging.WARNING, logger="diffusion_jax.train.checkpoint"):
+        assert restore_params_with_config(directory, newest_unusable)[0] == 1
+    assert "config.model is missing" in caplog.text
+
+    def refuse(config):
+        raise FileNotFoundError("no such data_dir")
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="diffusion_jax.train.checkpoint"):
+        with pytest.raises(FileNotFoundError, match="no such data_dir"):
+            restore_params_with_config(directory, refuse)
+    assert "unreadable" not in caplog.text  # no step is blamed for the caller's error
+
+
+def test_readers_do_not_log_orbax_read_only_notice(tmp_path, caplog):
+    directory = str(tmp_path / "ckpt")
+    _save_steps(directory, [1])
+    with caplog.at_level(logging.INFO):
+        restore_params(directory, None)
+    assert "read only" not in caplog.text

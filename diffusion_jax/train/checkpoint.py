@@ -9,8 +9,8 @@ A checkpoint is one orbax step directory ``<directory>/<step>/`` with three item
 
 - ``state``: the training state, any pytree of ``jax.Array`` (orbax ``StandardSave``, OCDBT);
   its orbax custom metadata holds one integrity digest per leaf (see below);
-- ``data_state``: the data iterator's state, JSON;
-- ``config``: the run's config, JSON.
+- ``data_state``: the data iterator's state, JSON, with the SHA-256 of its canonical text;
+- ``config``: the run's config, JSON, with the SHA-256 of its canonical text.
 
 Saves are asynchronous by default: :meth:`CheckpointManager.save` returns once the arrays are
 copied off the device, and orbax writes them in a background thread into a temporary directory
@@ -22,8 +22,18 @@ dtype and a 32-bit digest ``sum_i bits_i * w_i mod 2**32`` (``bits`` the leaf's 
 uint32, ``w_i`` an odd weight of the flat index, so any single-bit change alters it), computed on
 the device, in integer arithmetic that gives the same result under any sharding. A restore
 recomputes the digests and treats a mismatch like an unreadable file: with ``step=None`` it warns,
-names the step and falls back to the previous one. A non-finite state is never saved, so none is
-ever restored either.
+names the step and falls back to the previous one. The two JSON items are checked the same way
+against their SHA-256 (an edited data position would otherwise resume silently from other data);
+a config that is not a JSON object is refused too. Checkpoints written before the JSON digests
+existed still load, unchecked. A non-finite state is never saved, so none is ever restored
+either.
+
+**One rule for every reader.** :meth:`CheckpointManager.restore` (the trainer's resume),
+:meth:`CheckpointManager.read_config`, :func:`restore_params` and
+:func:`restore_params_with_config` (sampling, evaluation) all skip an unreadable newest
+checkpoint (any item: arrays, digests, data position, config) with one warning naming it, and
+use the newest readable one; only an explicitly requested ``step`` fails without falling back.
+The writer (:meth:`CheckpointManager.restore`) also moves the skipped steps to ``corrupt/``.
 
 **JSON values** (``data_state`` and ``config``) may nest dicts with ``str`` keys, lists, ``str``,
 ``int``, ``float``, ``bool`` and ``None``, and also ``bytes`` (stored as
@@ -44,9 +54,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple, TypeVar
 
 import jax
@@ -54,9 +65,9 @@ import orbax.checkpoint as ocp
 
 from diffusion_jax import options
 from diffusion_jax.train.checkpoint_codec import (
-    decode_json,
-    encode_json,
+    json_item,
     leaf_digests,
+    read_json_item,
     verify_digests,
 )
 
@@ -85,8 +96,12 @@ class _CallerError(Exception):
     """A restore that fails because of the request, not the checkpoint: never falls back."""
 
 
-class _CallerFailure(_CallerError):
-    """An error of the caller's own code run during a restore: re-raised as it is."""
+class _CallerFailure(Exception):
+    """An error of the caller's own code run on a step's config during a restore.
+
+    The config may be what is wrong (an old checkpoint without digests), so the previous step
+    is tried; if no step works, the newest such error is re-raised as it is.
+    """
 
     def __init__(self, error: Exception):
         super().__init__(str(error))
@@ -109,8 +124,22 @@ class Restored(NamedTuple):
 # ----------------------------------------------------------------------------- integrity
 
 
-def _unwrap(item: Any) -> Any:
-    return decode_json(item["value"])
+def _read_item(items: Any, name: str, directory: str, step: int) -> Any:
+    """The checked value of JSON item ``name`` of a restored step (ValueError if corrupt)."""
+    where = f"the {name} item of {os.path.join(directory, str(step))}"
+    return read_json_item(items[name], where, mapping=name == _CONFIG)
+
+
+_JSON_ITEMS = ocp.args.Composite(
+    **{_DATA_STATE: ocp.args.JsonRestore(), _CONFIG: ocp.args.JsonRestore()}
+)
+
+
+def _read_config(manager: ocp.CheckpointManager, directory: str, step: int) -> dict | None:
+    """A step's config, after checking both JSON items (a step is readable as a whole or not)."""
+    items = manager.restore(step, args=_JSON_ITEMS)
+    _read_item(items, _DATA_STATE, directory, step)
+    return _read_item(items, _CONFIG, directory, step)
 
 
 # ----------------------------------------------------------------------------- fallback
@@ -127,23 +156,29 @@ def _first_good(
     if not steps:
         raise CheckpointError(f"No checkpoint found in {directory}.")
     failures: list[tuple[int, Exception]] = []
-    for step in steps:
+    for step in steps if fall_back else steps[:1]:
         try:
-            return step, read(step), [s for s, _ in failures]
+            value = read(step)
         except _CallerError:
             raise
         except Exception as error:  # any read error means this step is unusable
-            first_line = (str(error).strip().splitlines() or [""])[0][:300]
-            path = os.path.join(directory, str(step))
-            if fall_back and step != steps[-1]:
-                logger.warning(
-                    "Checkpoint %s is unreadable or corrupt (%s: %s); falling back to the "
-                    "previous one.",
-                    path,
-                    type(error).__name__,
-                    first_line,
-                )
             failures.append((step, error))
+            continue
+        # Warned only once a step is found: a request no step can satisfy gets one error.
+        for failed, error in failures:
+            cause = error.error if isinstance(error, _CallerFailure) else error
+            first_line = (str(cause).strip().splitlines() or [""])[0][:300]
+            logger.warning(
+                "Checkpoint %s is unreadable or corrupt (%s: %s); skipped it, using step %d.",
+                os.path.join(directory, str(failed)),
+                type(cause).__name__,
+                first_line,
+                step,
+            )
+        return step, value, [s for s, _ in failures]
+    caller = [e for _, e in failures if isinstance(e, _CallerFailure)]
+    if caller:  # most likely the request, not the checkpoints: the caller's own error
+        raise caller[0].error from None
     details = "; ".join(
         f"{os.path.join(directory, str(s))}: {type(e).__name__}: {str(e).strip()[:300]}"
         for s, e in failures
@@ -153,10 +188,33 @@ def _first_good(
     ) from failures[-1][1]
 
 
+class _DropReadOnlyNotice(logging.Filter):
+    """Drops orbax's "Given directory is read only" warning, which every reader would print."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Given directory is read only")
+
+
+@contextlib.contextmanager
+def _quiet_read_only_notice() -> Iterator[None]:
+    # orbax logs it through absl at construction; the filter is on only while constructing.
+    absl_logger, notice = logging.getLogger("absl"), _DropReadOnlyNotice()
+    absl_logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        absl_logger.removeFilter(notice)
+
+
 def _open_reader(directory: str) -> ocp.CheckpointManager:
     """A read-only orbax manager whose ``state`` item supports partial restores."""
     if not os.path.isdir(directory):
         raise CheckpointError(f"No checkpoint found in {directory}: the directory does not exist.")
+    with _quiet_read_only_notice():
+        return _reader_manager(directory)
+
+
+def _reader_manager(directory: str) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(
         directory,
         options=ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0),
@@ -252,8 +310,8 @@ class CheckpointManager:
         args = ocp.args.Composite(
             **{
                 _STATE: ocp.args.StandardSave(state, custom_metadata={_DIGESTS: digests}),
-                _DATA_STATE: ocp.args.JsonSave({"value": encode_json(data_state, "data_state")}),
-                _CONFIG: ocp.args.JsonSave({"value": encode_json(config, "config")}),
+                _DATA_STATE: ocp.args.JsonSave(json_item(data_state, "data_state")),
+                _CONFIG: ocp.args.JsonSave(json_item(config, "config")),
             }
         )
         if not self._cleaned_up:
@@ -280,7 +338,13 @@ class CheckpointManager:
         self._manager.wait_until_finished()
         return [int(step)] if step is not None else self.all_steps()[::-1]
 
-    def restore(self, abstract_state: Any, step: int | None = None) -> Restored:
+    def restore(
+        self,
+        abstract_state: Any,
+        step: int | None = None,
+        *,
+        check: Callable[[Restored], None] | None = None,
+    ) -> Restored:
         """Restores a checkpoint onto the shardings of ``abstract_state``.
 
         Args:
@@ -288,6 +352,9 @@ class CheckpointManager:
             ``sharding`` set (e.g. from ``jax.eval_shape`` plus the state's shardings); the
             device count and layout may differ from the saving run's. A different dtype casts.
           step: the step to restore; None for the newest good one.
+          check: called with each candidate; an error it raises makes that step unreadable
+            (e.g. ``lambda r: iterator.set_state(r.data_state)``, so that a data position the
+            pipeline refuses falls back instead of blocking the resume).
 
         Returns:
           ``Restored(step, state, data_state, config)``.
@@ -310,7 +377,15 @@ class CheckpointManager:
             saved = _saved_digests(self._manager, s)
             items = self._manager.restore(s, args=restore_args)
             verify_digests(items[_STATE], saved)
-            return Restored(s, items[_STATE], _unwrap(items[_DATA_STATE]), _unwrap(items[_CONFIG]))
+            restored = Restored(
+                s,
+                items[_STATE],
+                _read_item(items, _DATA_STATE, self.directory, s),
+                _read_item(items, _CONFIG, self.directory, s),
+            )
+            if check is not None:
+                check(restored)
+            return restored
 
         found, restored, failed = _first_good(
             self.directory, self._candidates(step), read, fall_back=step is None
@@ -339,8 +414,9 @@ class CheckpointManager:
         """Reads the config saved with a checkpoint, without reading its arrays.
 
         Args:
-          step: the checkpoint's step; None for the newest one whose config is readable (a
-            corrupt one is skipped with a warning).
+          step: the checkpoint's step; None for the newest one whose JSON items (data position
+            and config) are intact (a damaged one is skipped with a warning; its arrays are not
+            read).
 
         Returns:
           The config dict, or None if the checkpoint was saved without one.
@@ -350,8 +426,7 @@ class CheckpointManager:
         """
 
         def read(s: int) -> dict | None:
-            items = self._manager.restore(s, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-            return _unwrap(items[_CONFIG])
+            return _read_config(self._manager, self.directory, s)
 
         _, config, _ = _first_good(
             self.directory, self._candidates(step), read, fall_back=step is None
@@ -441,10 +516,10 @@ def restore_params_with_config(
             )
 
         def read(s: int) -> Any:
-            items = manager.restore(s, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+            saved_config = _read_config(manager, directory, s)
             try:
-                target = abstract_for(_unwrap(items[_CONFIG]))
-            except Exception as error:  # the caller's, not the checkpoint's: no fallback
+                target = abstract_for(saved_config)
+            except Exception as error:  # the caller's or the config's: see _CallerFailure
                 raise _CallerFailure(error) from error
             tree = manager.item_metadata(s)[_STATE].tree
             if not isinstance(tree, Mapping) or key not in tree:
@@ -469,10 +544,7 @@ def restore_params_with_config(
             return params
 
         steps = [int(step)] if step is not None else available
-        try:
-            found, params, _ = _first_good(directory, steps, read, fall_back=step is None)
-        except _CallerFailure as failure:
-            raise failure.error from None
+        found, params, _ = _first_good(directory, steps, read, fall_back=step is None)
         return found, params
     finally:
         manager.close()

@@ -3,13 +3,16 @@
 Orbax alone restores a bit-flipped array silently, so each save records a 32-bit digest per
 leaf (computed on the device with exact integer arithmetic, the same under any sharding) and
 each restore checks it. The data iterator's state and the config are stored as JSON, with bytes
-and tuples encoded so that they come back as they went in. :mod:`diffusion_jax.train.checkpoint`
-(the only module that talks to orbax) uses both.
+and tuples encoded so that they come back as they went in, beside the SHA-256 of their canonical
+JSON text, so that an edited or damaged item is refused like a damaged array.
+:mod:`diffusion_jax.train.checkpoint` (the only module that talks to orbax) uses both.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,9 +20,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["decode_json", "encode_json", "leaf_digests", "verify_digests"]
+__all__ = [
+    "decode_json",
+    "encode_json",
+    "json_item",
+    "leaf_digests",
+    "read_json_item",
+    "verify_digests",
+]
 
 _BYTES_TAG, _TUPLE_TAG = "__bytes_base64__", "__tuple__"
+_VALUE, _SHA256 = "value", "sha256"  # the keys of a stored JSON item
 
 
 def _path_name(path: tuple) -> str:
@@ -141,4 +152,49 @@ def decode_json(value: Any) -> Any:
         if value.keys() == {_TUPLE_TAG}:
             return tuple(decode_json(v) for v in value[_TUPLE_TAG])
         return {k: decode_json(v) for k, v in value.items()}
+    return value
+
+
+# ----------------------------------------------------------------------------- JSON items
+
+
+def _sha256(encoded: Any) -> str:
+    """The SHA-256 of ``encoded``'s canonical JSON text (sorted keys, no spaces)."""
+    text = json.dumps(encoded, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def json_item(value: Any, where: str = "value") -> dict[str, Any]:
+    """What a checkpoint stores for a JSON value: ``{"value": encoded, "sha256": digest}``.
+
+    Raises:
+      TypeError, ValueError: ``value`` cannot be stored (see :func:`encode_json`).
+    """
+    encoded = encode_json(value, where)
+    return {_VALUE: encoded, _SHA256: _sha256(encoded)}
+
+
+def read_json_item(item: Any, where: str = "value", *, mapping: bool = False) -> Any:
+    """The value stored by :func:`json_item`, checked against its digest.
+
+    Items written before digests existed (``{"value": ...}`` alone) are accepted as they are.
+
+    Args:
+      item: the JSON object read back.
+      where: the item's name, for the message.
+      mapping: the value must be a dict or None (a config).
+
+    Raises:
+      ValueError: the item is not of the stored form, its digest does not match its value, or
+        (with ``mapping``) the value is not a dict or None.
+    """
+    if not isinstance(item, Mapping) or _VALUE not in item or not set(item) <= {_VALUE, _SHA256}:
+        shown = sorted(item) if isinstance(item, Mapping) else type(item).__name__
+        raise ValueError(f"{where} is not a stored JSON item (found {shown}).")
+    encoded = item[_VALUE]
+    if _SHA256 in item and item[_SHA256] != _sha256(encoded):
+        raise ValueError(f"{where} does not match the SHA-256 digest saved with it (edited?).")
+    value = decode_json(encoded)
+    if mapping and value is not None and not isinstance(value, dict):
+        raise ValueError(f"{where} must be a JSON object, found {type(value).__name__}.")
     return value
