@@ -688,10 +688,76 @@ def test_bad_t(bad_t, match):
 
 def test_bad_t_prev():
     schedule, t, _, noise, x_t, output = error_case()
-    with pytest.raises(ValueError, match=r"t must have shape \[B\].*t_prev"):
+    with pytest.raises(ValueError, match=r"t_prev must have shape \[B\]"):
         diffusion.ddim_step(schedule, output, x_t, t, t[:3], noise)
     with pytest.raises(ValueError, match="integer"):
         diffusion.ddim_step(schedule, output, x_t, t, t.astype(jnp.float32) - 1, noise)
+    with pytest.raises(ValueError, match=r"t_prev must lie in \[-1, 999\].*\[-2\]"):
+        diffusion.ddim_step(schedule, output, x_t, t, jnp.full_like(t, -2), noise)
+
+
+def _calls_with_t(schedule, x0, noise, x_t, output, t, t_ok):
+    """The core functions that take a t, each called with ``t`` (t_prev valid for ddim_step)."""
+    return {
+        "q_sample": lambda: diffusion.q_sample(schedule, x0, t, noise),
+        "q_mean_variance": lambda: diffusion.q_mean_variance(schedule, x0, t),
+        "q_posterior": lambda: diffusion.q_posterior_mean_variance(schedule, x0, x_t, t),
+        "p_mean_variance": lambda: diffusion.p_mean_variance(schedule, output, x_t, t),
+        "p_sample": lambda: diffusion.p_sample(schedule, output, x_t, t, noise),
+        "ddim_step": lambda: diffusion.ddim_step(
+            schedule, output, x_t, t, jnp.minimum(t_ok, t) - 1, noise
+        ),
+    }
+
+
+@pytest.mark.parametrize("value", [1000, -1, 5000])
+def test_concrete_out_of_range_t_raises_naming_the_range(value):
+    schedule, t, x0, noise, x_t, output = error_case()  # T = 1000
+    bad = t.at[3].set(value)
+    for name, call in _calls_with_t(schedule, x0, noise, x_t, output, bad, t).items():
+        with pytest.raises(
+            ValueError, match=rf"t must lie in \[0, 999\] \(T = 1000\); got \[{value}\]"
+        ):
+            call()
+            pytest.fail(name)
+
+
+def test_checked_catches_traced_out_of_range_t_under_jit():
+    schedule, t, x0, noise, x_t, output = error_case()
+    noisy = diffusion.forward.checked(
+        lambda x0, t, noise: diffusion.q_sample(schedule, x0, t, noise)
+    )
+    np.testing.assert_allclose(
+        noisy(x0, t, noise), diffusion.q_sample(schedule, x0, t, noise), rtol=1e-6, atol=1e-6
+    )
+    for value in (1000, -1):
+        with pytest.raises(ValueError, match=r"t must lie in \[0, 999\].*got values from"):
+            noisy(x0, t.at[0].set(value), noise)
+    step = diffusion.forward.checked(
+        lambda x_t, t, t_prev, noise: diffusion.ddim_step(schedule, output, x_t, t, t_prev, noise)
+    )
+    step(x_t, t, t - 1, noise)  # t_prev = -1 ("to x_0") is in range
+    with pytest.raises(ValueError, match=r"t_prev must lie in \[-1, 999\]"):
+        step(x_t, t, jnp.full_like(t, -2), noise)
+    # Unwrapped, jit traces no check: t = T reads past the tables silently.
+    assert not np.isfinite(
+        jax.jit(lambda t: diffusion.q_sample(schedule, x0, t, noise))(t.at[0].set(1000))
+    ).all()
+
+
+@pytest.mark.parametrize("dtype", [jnp.uint8, jnp.int32])
+def test_integer_data_is_refused_with_one_sentence(dtype):
+    schedule, t, x0, noise, x_t, output = error_case()
+    images = jnp.zeros(x0.shape, dtype)
+    calls = {
+        "q_sample": lambda: diffusion.q_sample(schedule, images, t, noise),
+        "q_mean_variance": lambda: diffusion.q_mean_variance(schedule, images, t),
+        "q_posterior": lambda: diffusion.q_posterior_mean_variance(schedule, images, x_t, t),
+        "p_mean_variance": lambda: diffusion.p_mean_variance(schedule, output, images, t),
+    }
+    for call in calls.values():
+        with pytest.raises(ValueError, match=r"scale images to float in \[-1, 1\]"):
+            call()
 
 
 def test_mismatched_shapes():

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from diffusion_jax import options
 from diffusion_jax.diffusion.forward import (
+    check_float,
     check_same_shape,
     check_timesteps,
     extract,
@@ -150,7 +151,8 @@ def p_mean_variance(
     Returns:
       ``(mean, variance, log_variance, pred_x0)``, each of ``x_t``'s shape.
     """
-    check_timesteps(x_t, t, "x_t")
+    check_timesteps(x_t, t, "x_t", schedule.num_timesteps)
+    check_float(x_t, "x_t")
     out, var_out = split_model_output(model_output, x_t, variance)
     nd = jnp.ndim(x_t)
     if variance == "fixed_small":
@@ -247,8 +249,9 @@ def ddim_step(
     Returns:
       x_{t_prev}, shape of ``x_t``.
     """
-    check_timesteps(x_t, t, "x_t")
-    check_timesteps(x_t, t_prev, "x_t (t_prev)")
+    check_timesteps(x_t, t, "x_t", schedule.num_timesteps)
+    check_timesteps(x_t, t_prev, "x_t", schedule.num_timesteps, lowest=-1, name="t_prev")
+    check_float(x_t, "x_t")
     check_same_shape(x_t, noise, "x_t and noise")
     out, _ = split_model_output(model_output, x_t, variance)
     nd = jnp.ndim(x_t)
