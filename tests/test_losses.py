@@ -49,7 +49,7 @@ import reference as ref
 from absl.testing import parameterized
 from hypothesis import given
 from hypothesis import strategies as st
-from scipy import special
+from scipy import special, stats
 
 from diffusion_jax import diffusion, losses, schedules
 
@@ -491,6 +491,14 @@ def check_training_loss(loss_type, parameterization, variance, gamma, name, shap
     bits_close(metrics["loss"], per_example.mean(), what="metrics loss")
     bits_close(metrics["mse"], mse.mean(), what="mse")
     bits_close(metrics["vb"], vb.mean(), what="vb")
+    _, unweighted_mse, _ = reference_training_loss(
+        params, tab, x0, t, noise, parameterization, variance, loss_type, None, 0.9
+    )
+    bits_close(metrics["per_example_mse"], unweighted_mse, what="per-example mse")
+    if loss_type == "simple":
+        assert "per_example_vb" not in metrics
+    else:
+        bits_close(metrics["per_example_vb"], vb, what="per-example vb")
 
 
 @pytest.mark.parametrize(("name", "shape"), [SCHEDULE_SHAPES[0], SCHEDULE_SHAPES[3]])
@@ -652,6 +660,216 @@ def test_training_loss_errors():
         )
 
 
+def test_training_loss_with_explicit_t_and_noise_is_the_keyed_loss_bit_for_bit():
+    """Passing the draws training_loss makes from its key (t_key, noise_key = split(key))
+    gives the same loss and metrics, bit for bit; so does passing only one of them."""
+    schedule, _ = schedule_pair("cosine", TRAIN_T)
+    x0 = binary_data(np.random.default_rng(20), (12, 4, 4, 2))
+    params = init_params(2, learned=True)
+    key = jax.random.key(21)
+    t, noise = documented_draws(key, 12, TRAIN_T, x0.shape)
+    noise = noise.astype(np.float32)
+    options = dict(parameterization="v", variance="learned_range", loss_type="hybrid")
+    keyed = losses.training_loss(toy_model, params, schedule, x0, key, **options)
+    explicit = losses.training_loss(
+        toy_model, params, schedule, x0, None, t=t, noise=noise, **options
+    )
+    only_t = losses.training_loss(toy_model, params, schedule, x0, key, t=t, **options)
+    only_noise = losses.training_loss(toy_model, params, schedule, x0, key, noise=noise, **options)
+    for other in (explicit, only_t, only_noise):
+        chex.assert_trees_all_equal(keyed, other)
+    chex.assert_shape([keyed[1][k] for k in ("t", "per_example_mse", "per_example_vb")], (12,))
+    # Other t: another loss, from the same noise.
+    shifted = losses.training_loss(
+        toy_model, params, schedule, x0, None, t=(t + 1) % TRAIN_T, noise=noise, **options
+    )
+    assert not np.array_equal(shifted[1]["per_example_loss"], keyed[1]["per_example_loss"])
+
+
+def test_training_loss_explicit_draws_errors():
+    schedule, x0, params, key = hybrid_case(batch=4)
+    call = functools.partial(losses.training_loss, toy_model, params, schedule, x0)
+    t = jnp.zeros((4,), jnp.int32)
+    with pytest.raises(ValueError, match=r"t must have shape \[B\] = \(4,\)"):
+        call(key, t=jnp.zeros((3,), jnp.int32))
+    with pytest.raises(ValueError, match="noise must have x0's shape"):
+        call(key, noise=jnp.zeros((4, 2)))
+    with pytest.raises(ValueError, match="key=None needs both t and noise"):
+        call(None, t=t)
+
+
+def imperfect_x0(params, x_t, t):
+    """An imperfect x_0 predictor of a one-point dataset: x0* + a smooth error in (x_t, t)."""
+    time = (t.astype(jnp.float32) / params["num_timesteps"])[:, None]
+    return params["point"] + 0.2 * jnp.sin(x_t + time)
+
+
+def imperfect_as(parameterization):
+    """The same predictor as imperfect_x0, written as an eps or v model (exact algebra)."""
+
+    def model_fn(params, x_t, t):
+        x0 = imperfect_x0(params, x_t, t)
+        sqrt_abar = jnp.take(params["sqrt_alphas_cumprod"], t)[:, None]
+        sqrt_one_minus = jnp.take(params["sqrt_one_minus_alphas_cumprod"], t)[:, None]
+        eps = (x_t - sqrt_abar * x0) / sqrt_one_minus
+        return eps if parameterization == "eps" else sqrt_abar * eps - sqrt_one_minus * x0
+
+    return model_fn
+
+
+def test_paired_comparison_of_two_parameterisations():
+    """The same predictor as an eps and as a v model, fed the same t and noise: their training
+    MSEs differ by exactly the documented factor (each is a multiple of the x0 MSE) and their
+    bound terms and x0 MSEs agree, per example. With independent draws they would differ by
+    the draws' noise instead; a paired comparison removes it."""
+    num_timesteps = 40
+    schedule = schedules.get_schedule("linear", num_timesteps)
+    rng = np.random.default_rng(22)
+    x0 = np.repeat(rng.uniform(-1, 1, (1, 3)), 16, axis=0).astype(np.float32)
+    params = {
+        "point": jnp.asarray(x0[:1]),
+        "num_timesteps": num_timesteps,
+        "sqrt_alphas_cumprod": schedule.sqrt_alphas_cumprod,
+        "sqrt_one_minus_alphas_cumprod": schedule.sqrt_one_minus_alphas_cumprod,
+    }
+    t = jnp.asarray(rng.integers(1, num_timesteps, 16), jnp.int32)
+    noise = jnp.asarray(rng.standard_normal(x0.shape), jnp.float32)
+    per_x0 = {}
+    for parameterization in ("eps", "v"):
+        _, metrics = losses.training_loss(
+            imperfect_as(parameterization),
+            params,
+            schedule,
+            x0,
+            None,
+            parameterization=parameterization,
+            loss_type="vlb",
+            t=t,
+            noise=noise,
+        )
+        snr = np.exp(np.asarray(schedule.log_snr, np.float64)[np.asarray(t)])
+        factor = {"eps": snr, "v": snr + 1.0}[parameterization]
+        per_x0[parameterization] = (metrics["per_example_mse"] / factor, metrics["per_example_vb"])
+    # The x0 MSE implied by each model's training MSE, and the bound term, per example; to
+    # 1e-3 relative, as eps -> x0 amplifies float32 rounding by 1/sqrt(abar).
+    chex.assert_trees_all_close(per_x0["eps"], per_x0["v"], rtol=1e-3, atol=1e-7)
+    # The whole bound with one set of per-timestep noise: the same terms and x0 MSEs.
+    bound_noise = jnp.asarray(rng.standard_normal((num_timesteps, *x0.shape)), jnp.float32)
+    terms = {
+        p: losses.nll_bpd(
+            imperfect_as(p),
+            params,
+            schedule,
+            x0,
+            None,
+            parameterization=p,
+            noise=bound_noise,
+            clip_x0=False,
+            decoder="gaussian",
+        )
+        for p in ("eps", "v")
+    }
+    chex.assert_trees_all_close(terms["eps"], terms["v"], rtol=5e-3, atol=1e-6)
+    assert float(jnp.min(terms["eps"].x0_mse)) > 1e-5  # an imperfect model: a real comparison
+
+
+# The decoder of the DDPM and improved-DDPM reference codes: the normal CDF's tanh
+# approximation. With x0 on random 8-bit levels, the decoder scale of fixed_small at t = 0 on
+# linear T = 1000 (sigma = 7.4e-3) and a decoder mean off by 0.5 sigma N(0, 1), the
+# approximation scores L_0 (and so the total bound) 4.78e-4 bits/dim higher on average than
+# the exact CDF, 4.48e-4 .. 5.02e-4 per example. The gap depends on the input: a mean off by
+# 1.0 sigma gives -2.9e-4 on average, by 1.5 sigma +6.8e-3 (up to 1.4e-2 on one example).
+TANH_GAP_BPD = 4.78e-4
+
+
+def approx_standard_normal_cdf(x):
+    return 0.5 * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def tanh_decoder_log_likelihood(x, mean, log_scale):
+    """The published decoder, from its formula: the tanh CDF, log clamped at 1e-12, edge
+    levels beyond +-0.999."""
+    inv_stdv = np.exp(-log_scale)
+    cdf_upper = approx_standard_normal_cdf(inv_stdv * (x - mean + 1.0 / 255.0))
+    cdf_lower = approx_standard_normal_cdf(inv_stdv * (x - mean - 1.0 / 255.0))
+    log_cdf_upper = np.log(np.maximum(cdf_upper, 1e-12))
+    log_one_minus_cdf_lower = np.log(np.maximum(1.0 - cdf_lower, 1e-12))
+    log_delta = np.log(np.maximum(cdf_upper - cdf_lower, 1e-12))
+    return np.where(
+        x < -0.999, log_cdf_upper, np.where(x > 0.999, log_one_minus_cdf_lower, log_delta)
+    )
+
+
+def test_exact_cdf_decoder_against_the_published_tanh_approximation():
+    _, tab = schedule_pair("linear", 1000)
+    # fixed_small's decoder variance: the posterior variance of index 1 (log clipped at 0).
+    log_scale = 0.5 * math.log(tab["posterior_variance"][1])
+    rng = np.random.default_rng(0)
+    x0 = 2.0 * rng.integers(0, 256, (16, 8, 8, 3)) / 255.0 - 1.0
+    mean = x0 + 0.5 * math.exp(log_scale) * rng.standard_normal(x0.shape)
+    exact = -losses.mean_flat(
+        losses.discretized_gaussian_log_likelihood(
+            jnp.asarray(x0, jnp.float32), jnp.asarray(mean, jnp.float32), log_scale
+        )
+    ) / math.log(2.0)
+    tanh = -ref.mean_flat(tanh_decoder_log_likelihood(x0, mean, log_scale)) / ref.LN2
+    gap = tanh - np.asarray(exact, np.float64)
+    # float32 rounding of the exact decoder is below 1e-5 bits/dim here; the gap is 50x that.
+    chex.assert_trees_all_close(gap.mean(), TANH_GAP_BPD, atol=1e-5)
+    assert 4.4e-4 < gap.min() and gap.max() < 5.1e-4, (gap.min(), gap.max())
+
+
+# ---------------------------------------------------------------------------- gaussian decoder
+
+
+def test_gaussian_log_likelihood_matches_scipy():
+    rng = np.random.default_rng(23)
+    x, mean = rng.normal(0, 3, (2, 64))
+    log_scale = rng.uniform(-6, 2, 64)
+    got = losses.gaussian_log_likelihood(
+        *[jnp.asarray(a, jnp.float32) for a in (x, mean, log_scale)]
+    )
+    want = stats.norm.logpdf(x, mean, np.exp(log_scale))
+    log_prob_close(got, want, what="log N")
+
+
+@pytest.mark.parametrize(
+    ("name", "parameterization", "variance"),
+    [
+        ("cosine", "eps", "fixed_small"),
+        ("linear", "v", "learned_range"),
+        ("sigmoid", "x0", "fixed_large"),
+    ],
+)
+def test_vb_terms_with_gaussian_decoder_match_reference(name, parameterization, variance):
+    """L_0 = -log N(x0; mu(x_1, 1), sigma_1^2) / log 2 in float64 at t = 0; the KL terms at
+    t > 0 do not depend on the decoder (test_vb_terms_bpd checks them against the reference).
+    L_0 within 1e-5 relative plus 1e-6 bits absolute. (T = 1000: the
+    DDPM-family betas there do not depend on scaling to T.)"""
+    num_timesteps = 1000
+    schedule, tab = schedule_pair(name, num_timesteps)
+    rng = np.random.default_rng(24)
+    shape = (8, 3)
+    x0 = rng.normal(0, 2, shape).astype(np.float32)  # continuous, outside [-1, 1]
+    noise = rng.standard_normal(shape).astype(np.float32)
+    t = np.array([0, 0, 0, 1, 5, 370, 0, num_timesteps - 1])
+    x_t, out = consistent_outputs(tab, x0, t, noise, parameterization, 3e-3, rng)
+    if variance == "learned_range":
+        out = np.concatenate([out, rng.uniform(-1, 1, shape).astype(np.float32)], axis=-1)
+    options = dict(parameterization=parameterization, variance=variance)
+    got = losses.vb_terms_bpd(
+        schedule, out, x0, x_t, jnp.asarray(t, jnp.int32), decoder="gaussian", **options
+    )
+    discretized = losses.vb_terms_bpd(schedule, out, x0, x_t, jnp.asarray(t, jnp.int32), **options)
+    mean, _, log_var, _ = ref.p_mean_variance(tab, out, x_t, t, parameterization, variance, False)
+    decoder_bits = -ref.mean_flat(stats.norm.logpdf(x0, mean, np.exp(0.5 * log_var))) / ref.LN2
+    decoder = t == 0
+    bits_close(np.asarray(got)[decoder], decoder_bits[decoder], what="gaussian decoder L_0")
+    chex.assert_trees_all_equal(np.asarray(got)[t > 0], np.asarray(discretized)[t > 0])
+    with pytest.raises(ValueError, match="decoder must be one of"):
+        losses.vb_terms_bpd(schedule, out, x0, x_t, jnp.asarray(t, jnp.int32), decoder="logistic")
+
+
 # ---------------------------------------------------------------------------- nll_bpd
 
 NLL_T = 30
@@ -682,7 +900,7 @@ def check_nll_bpd_terms(parameterization, variance, call):
         losses.nll_bpd, toy_model, parameterization=parameterization, variance=variance
     )
     result = call(bound, params, schedule, x0, key)
-    chex.assert_shape((result.terms_bpd, result.mse), (3, NLL_T))
+    chex.assert_shape((result.terms_bpd, result.x0_mse), (3, NLL_T))
     chex.assert_shape((result.total_bpd, result.prior_bpd), (3,))
     chex.assert_trees_all_close(
         result.total_bpd, result.prior_bpd + result.terms_bpd.sum(axis=1), rtol=1e-6
@@ -696,7 +914,7 @@ def check_nll_bpd_terms(parameterization, variance, call):
         want = ref.vb_terms_bpd(tab, out, x0, x_t, t, parameterization, variance, True)
         bits_close(result.terms_bpd[:, t_scalar], want, what=f"L_{t_scalar}")
         pred_x0 = ref.p_mean_variance(tab, out, x_t, t, parameterization, variance, True)[3]
-        bits_close(result.mse[:, t_scalar], ref.mean_flat((pred_x0 - x0) ** 2), what="mse")
+        bits_close(result.x0_mse[:, t_scalar], ref.mean_flat((pred_x0 - x0) ** 2), what="mse")
 
 
 def test_nll_bpd_terms_match_reference_under_jit():
@@ -791,7 +1009,7 @@ def test_nll_bpd_closed_form_for_a_one_point_dataset(
     # The ideal denoiser recovers x0 up to float32 rounding, which x0 = (x_t - sqrt(1 - abar)
     # eps) / sqrt(abar) amplifies by 1/sqrt(abar): about 1e-4 at cosine's last step (T = 30).
     rounding = (8 * np.finfo(np.float32).eps / np.sqrt(tab["alphas_cumprod"])) ** 2
-    excess = np.asarray(result.mse) - np.maximum(rounding, 1e-12)
+    excess = np.asarray(result.x0_mse) - np.maximum(rounding, 1e-12)
     assert np.all(excess <= 0.0), (
         f"x0 MSE above float32 rounding at t = {np.argmax(excess) % NLL_T}"
     )
@@ -816,6 +1034,52 @@ def test_nll_bpd_compiles_once_and_passes_model_kwargs():
         toy_model, params, schedule, x0, jax.random.key(1), model_kwargs={"gain": 0.5}
     )
     chex.assert_trees_all_close(totals[1], eager.total_bpd, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("name", "num_timesteps"), [("cosine", NLL_T), ("linear", 1000)])
+def test_nll_bpd_gaussian_decoder_closed_form_for_a_one_point_dataset(name, num_timesteps):
+    """Continuous one-point data {x0*} and its ideal denoiser (fixed_small): every KL term is 0,
+    L_0 = log(2 pi s^2) / 2 with s^2 the decoder variance, L_T the prior's closed form."""
+    schedule, tab = schedule_pair(name, num_timesteps)
+    point = np.array([[2.5, -3.0, 0.1]], np.float32)
+    params = {
+        "point": jnp.asarray(point),
+        "sqrt_alphas_cumprod": schedule.sqrt_alphas_cumprod,
+        "sqrt_one_minus_alphas_cumprod": schedule.sqrt_one_minus_alphas_cumprod,
+    }
+    bound = jax.jit(
+        functools.partial(
+            losses.nll_bpd, ideal_v, parameterization="v", clip_x0=False, decoder="gaussian"
+        )
+    )
+    result = bound(params, schedule, np.repeat(point, 2, axis=0), jax.random.key(25))
+    decoder_bits = 0.5 * math.log(2.0 * math.pi * tab["posterior_variance"][1]) / ref.LN2
+    abar = tab["alphas_cumprod"][-1]
+    prior = np.mean(0.5 * (-abar - np.log1p(-abar) + abar * point.astype(np.float64) ** 2))
+    bits_close(result.terms_bpd[:, 0], [decoder_bits] * 2, atol=1e-5, what="L_0")
+    bits_close(result.terms_bpd[:, 1:], np.zeros((2, num_timesteps - 1)), atol=1e-5, what="L_t")
+    bits_close(result.prior_bpd, [prior / ref.LN2] * 2, what="L_T")
+
+
+def test_nll_bpd_with_explicit_noise():
+    """noise[t] in place of normal(fold_in(key, t)): the same bound up to XLA's rounding (the
+    draws fuse differently with the scan), and an error naming the expected shape."""
+    schedule, _ = schedule_pair("cosine", NLL_T)
+    x0 = binary_data(np.random.default_rng(26), (3, 4, 4, 2))
+    params = init_params(2, learned=False)
+    key = jax.random.key(27)
+    drawn = jnp.stack(
+        [jax.random.normal(jax.random.fold_in(key, t), x0.shape) for t in range(NLL_T)]
+    )
+    keyed = losses.nll_bpd(toy_model, params, schedule, x0, key)
+    explicit = losses.nll_bpd(toy_model, params, schedule, x0, None, noise=drawn)
+    chex.assert_trees_all_close(keyed, explicit, rtol=1e-6, atol=1e-6)
+    with pytest.raises(
+        ValueError, match=r"noise must have shape \[T, B, ...\] = \(30, 3, 4, 4, 2\)"
+    ):
+        losses.nll_bpd(toy_model, params, schedule, x0, None, noise=drawn[1:])
+    with pytest.raises(ValueError, match="needs a key"):
+        losses.nll_bpd(toy_model, params, schedule, x0, None)
 
 
 # ---------------------------------------------------------------------------- chex variants
