@@ -22,6 +22,7 @@ in ``test_sampler_registry.py``.
 from __future__ import annotations
 
 import functools
+import warnings
 
 import chex
 import jax
@@ -442,6 +443,110 @@ def test_ddim_eta_one_with_all_steps_is_ancestral_sampling():
     ddpm = sample(exact_model(), None, SCHEDULE, key, STATS_SHAPE, method="ddpm", **kwargs)
     ddim = sample(exact_model(), None, SCHEDULE, key, STATS_SHAPE, method="ddim", eta=1.0, **kwargs)
     chex.assert_trees_all_close(ddim, ddpm, atol=2e-5, rtol=0)
+
+
+ETA_SHAPE = (64, 4)
+ETA_STEPS = 10  # leading spacing: the first step is t = 90, no large 1 / sqrt(abar)
+
+
+def _ddim_sum(eta):
+    return sample(
+        exact_model(),
+        None,
+        SCHEDULE,
+        jax.random.key(7),
+        ETA_SHAPE,
+        method="ddim",
+        num_steps=ETA_STEPS,
+        timestep_spacing="leading",
+        clip_x0=False,
+        eta=eta,
+    )
+
+
+def test_eta_is_traced_compiles_once_and_is_differentiable():
+    """jit over eta compiles the loop once; a traced eta gives the samples of the same
+    concrete eta (to 1e-5), a traced 0 those of deterministic DDIM; jax.grad in eta matches
+    the central difference of the float64 reference (h = 1e-4) to 1e-3 relative."""
+    traces = []
+
+    def traced(eta):
+        traces.append(1)
+        return _ddim_sum(eta)
+
+    jitted = jax.jit(traced)
+    for eta in (0.2, 0.9, 0.0):
+        chex.assert_trees_all_close(jitted(jnp.float32(eta)), _ddim_sum(eta), atol=1e-5, rtol=0)
+    assert len(traces) == 1
+
+    key = jax.random.key(7)
+    steps = timesteps_for(T, ETA_STEPS, "leading")
+    x_T = _noise_at(key, 0, ETA_SHAPE)
+    noises = [np.asarray(_noise_at(key, k + 1, ETA_SHAPE)) for k in range(ETA_STEPS)]
+    reference = lambda eta: _reference_sample("ddim", steps, x_T, noises, eta=eta).sum()
+    for eta in (0.3, 1.0):
+        grad = jax.grad(lambda e: _ddim_sum(e).sum())(jnp.float32(eta))
+        h = 1e-4
+        want = (reference(eta + h) - reference(eta - h)) / (2 * h)
+        chex.assert_trees_all_close(grad, want, rtol=1e-3, atol=1e-4)
+
+
+def test_traced_eta_errors():
+    with pytest.raises(ValueError, match="traced eta with method='ddpm'"):
+        jax.jit(
+            lambda eta: sample(exact_model(), None, SCHEDULE, jax.random.key(0), (2, 4), eta=eta)
+        )(0.0)
+    with pytest.raises(ValueError, match="eta must be a scalar"):
+        sample(
+            exact_model(), None, SCHEDULE, jax.random.key(0), (2, 4), method="ddim", eta=jnp.ones(2)
+        )
+
+
+def _first_step_warnings(**kwargs):
+    options = dict(method="ddim", num_steps=10, clip_x0=False) | kwargs
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        samplers.make_options(
+            exact_model(),
+            options.pop("schedule", SCHEDULE),
+            (2, 4),
+            timestep_spacing=options.pop("timestep_spacing", "linspace"),
+            eta=0.0,
+            parameterization=options.pop("parameterization", "eps"),
+            variance="fixed_small",
+            model_kwargs=None,
+            guidance_scale=None,
+            uncond_kwargs=None,
+            return_trajectory=False,
+            trajectory_every=None,
+            first_index=0,
+            **options,
+        )
+    return [w for w in caught if "1 / sqrt(alpha_bar)" in str(w.message)]
+
+
+def test_first_step_amplification_warning():
+    """Cosine from t = T - 1 (1 / sqrt(abar) = 2.0e3 at T = 100, above the limit) with an eps
+    model and no clipping warns, naming the remedies; each remedy, and the linear schedule
+    (157 at T = 1000), does not."""
+    from_last = _first_step_warnings()
+    assert len(from_last) == 1 and from_last[0].category is UserWarning
+    message = str(from_last[0].message)
+    for remedy in ("leading", "parameterization='v'", "clip_x0=True"):
+        assert remedy in message
+    assert len(_first_step_warnings(method="dpm_solver++", timestep_spacing="trailing")) == 1
+    for quiet in (
+        {"timestep_spacing": "leading"},
+        {"parameterization": "v"},
+        {"clip_x0": True},
+        {"clip_x0": dynamic_threshold},
+        {"schedule": SCHEDULES["linear1000"]},
+    ):
+        assert not _first_step_warnings(**quiet), quiet
+    amplification = samplers.validation.first_step_amplification(SCHEDULE, T - 1)
+    assert amplification > samplers.validation.FIRST_STEP_AMPLIFICATION_LIMIT
+    abar = np.cumprod(1.0 - np.asarray(SCHEDULE.betas, np.float64))[T - 1]
+    np.testing.assert_allclose(amplification, 1.0 / np.sqrt(abar), rtol=1e-12)
 
 
 # ----------------------------------------------------------------------------- guidance

@@ -71,7 +71,7 @@ def sample(
     method: options.SamplerMethod = "ddpm",
     num_steps: int | None = None,
     timestep_spacing: options.Spacing = "linspace",
-    eta: float = 0.0,
+    eta: float | jax.Array = 0.0,
     parameterization: options.Parameterization = "eps",
     variance: options.Variance = "fixed_small",
     clip_x0: ClipX0 = True,
@@ -107,7 +107,10 @@ def sample(
       method: one of :data:`METHODS`.
       num_steps: number of model evaluations, in [1, T]; ``None`` means T.
       timestep_spacing: one of :data:`SPACINGS`, see :func:`timesteps_for`.
-      eta: DDIM stochasticity in [0, 1], a Python number; only for ``method="ddim"``.
+      eta: DDIM stochasticity in [0, 1]; only for ``method="ddim"``. A Python number or a
+        traced scalar (``jax.jit``/``jax.grad`` over eta compile the loop once): a concrete
+        0 gives the deterministic loop, any traced eta the stochastic one (noise drawn and
+        scaled by DDIM's sigma, which is 0 at eta = 0). ``jax.grad`` in eta works for eta > 0.
       parameterization: what the model predicts: ``eps``, ``x0`` or ``v``.
       variance: ``fixed_small``, ``fixed_large`` or ``learned_range`` (a ``[B, ..., 2C]``
         output); DDIM and DPM-Solver++ only use the mean half of a learned output.
@@ -130,10 +133,17 @@ def sample(
     Returns:
       float32 samples of ``shape``, or a :class:`Trajectory` with ``return_trajectory``.
 
+    Warns:
+      UserWarning: an eps model without x0 clipping whose first timestep has 1 / sqrt(abar)
+        above :data:`~diffusion_jax.samplers.validation.FIRST_STEP_AMPLIFICATION_LIMIT`
+        (cosine from t = T - 1): the first step amplifies eps errors by that factor. Use
+        ``leading`` spacing, v prediction or clipping.
+
     Raises:
       ValueError: an unknown method, spacing, parameterisation or variance; ``num_steps``
-        outside [1, T]; ``eta`` outside [0, 1] or given to another method; guidance without
-        ``uncond_kwargs`` (or the reverse) or with mismatched kwargs; a bad shape.
+        outside [1, T]; a concrete ``eta`` outside [0, 1], or a non-zero or traced one given to
+        another method; guidance without ``uncond_kwargs`` (or the reverse) or with mismatched
+        kwargs; a bad shape.
 
     Example:
       >>> labels = jnp.arange(16) % 10

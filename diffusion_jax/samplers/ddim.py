@@ -2,6 +2,10 @@
 
 ``eta = 0`` is deterministic; ``eta = 1`` with all T steps is ancestral sampling with
 ``fixed_small`` (the same noise gives the same samples). The last step lands on x0.
+
+``eta`` is a traced value of the loop, so ``jax.grad`` of a sample with respect to eta works for
+eta in (0, 1]; at eta = 0 the noise scale sigma = eta * c has a kink (|eta| once squared and
+rooted) and the derivative is nan.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax import diffusion
@@ -48,6 +53,9 @@ def update(step: Step, carry: Any) -> tuple[jax.Array, jax.Array, Any]:
     Example:
       >>> x_next, pred_x0, _ = update(step, None)
     """
+    # The last step lands on x0, where sigma is 0 whatever eta is: eta is zeroed there, so
+    # the derivative in eta does not meet sqrt'(0) * 0 = nan (the select drops its cotangent).
+    eta = jnp.where(step.row["t_prev"] >= 0, step.eta, 0.0)
     x_next = diffusion.ddim_step(
         step.schedule,
         step.model_output,
@@ -55,7 +63,7 @@ def update(step: Step, carry: Any) -> tuple[jax.Array, jax.Array, Any]:
         step.t,
         per_example(step.row["t_prev"], step.x),
         step.noise,
-        eta=step.eta,
+        eta=eta,
         parameterization=step.parameterization,
         variance=step.variance,
         clip_x0=step.clip_x0,

@@ -47,7 +47,7 @@ def run(
     model_kwargs: dict[str, Any] | None,
     uncond_kwargs: dict[str, Any] | None,
     guidance_scale: float | jax.Array | None,
-    eta: float,
+    eta: float | jax.Array,
     first_index: int | jax.Array,
 ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
     """Draws x_T and runs the compiled loop over a method's plan.
@@ -84,7 +84,7 @@ def run(
         {} if model_kwargs is None else dict(model_kwargs),
         None if uncond_kwargs is None else dict(uncond_kwargs),
         jnp.asarray(1.0 if guidance_scale is None else guidance_scale, jnp.float32),
-        jnp.asarray(float(eta), jnp.float32),
+        jnp.asarray(eta, jnp.float32),
         model_fn=model_fn,
         sampler_options=sampler_options,
     )

@@ -1,13 +1,28 @@
 """The checks of :func:`~diffusion_jax.samplers.sample`'s arguments, and what they produce: the
-frozen :class:`SamplerOptions` the compiled loop specialises on."""
+frozen :class:`SamplerOptions` the compiled loop specialises on.
+
+``eta`` may be traced (under ``jax.jit``, ``jax.grad``, ``jax.vmap``): it is then a value of
+the loop, not part of its static options. Whether the loop draws noise is static, so it is
+decided from what is known at trace time: a concrete eta draws noise iff the method's
+``stochastic(eta)`` says so (DDIM: eta > 0); a traced eta is taken as stochastic DDIM, whatever
+its value (at eta = 0 the noise is drawn and multiplied by 0). Pass a Python 0.0 for a
+deterministic loop. A traced eta is not range-checked, and a method without eta refuses one.
+
+The first step's warning: with eps prediction and no x0 clipping, the first update divides the
+model's eps by sqrt(abar) of the first visited timestep (x0 = (x_t - sqrt(1 - abar) eps) /
+sqrt(abar)), so any eps error is amplified by 1 / sqrt(abar). Above
+:data:`FIRST_STEP_AMPLIFICATION_LIMIT` a :class:`UserWarning` names the remedies.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax import options
@@ -15,9 +30,21 @@ from diffusion_jax.diffusion import ClipX0
 from diffusion_jax.samplers import guidance, registry
 from diffusion_jax.samplers.base import Method
 from diffusion_jax.schedules import Schedule
-from diffusion_jax.timesteps import check_num_steps, host_betas
+from diffusion_jax.timesteps import check_num_steps, host_betas, timesteps_for
 
-__all__ = ["SamplerOptions", "make_options"]
+__all__ = [
+    "FIRST_STEP_AMPLIFICATION_LIMIT",
+    "SamplerOptions",
+    "first_step_amplification",
+    "make_options",
+]
+
+# 1 / sqrt(abar) at the first visited timestep above which an eps model sampled without x0
+# clipping is warned about. Every DDPM-family schedule (linear, quadratic, sigmoid) starts
+# below 160 at any T, and cosine below 65 with ``leading`` spacing; cosine from t = T - 1 starts
+# at about 20 T (2e4 at T = 1000), where an eps error of 0.01 is an x0 error of 200.
+# benchmarks/sampler_first_step.py measures the damage and the remedies on 2-D moons.
+FIRST_STEP_AMPLIFICATION_LIMIT = 500.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +74,7 @@ def make_options(
     method: options.SamplerMethod,
     num_steps: int | None,
     timestep_spacing: options.Spacing,
-    eta: float,
+    eta: float | jax.Array,
     parameterization: options.Parameterization,
     variance: options.Variance,
     clip_x0: ClipX0,
@@ -63,11 +90,17 @@ def make_options(
 
     Returns:
       The :class:`SamplerOptions`; ``num_steps`` filled in (``None`` means T), ``clip_x0`` a
-      tuple if given as a list, ``trajectory_every`` None without ``return_trajectory``.
+      tuple if given as a list, ``trajectory_every`` None without ``return_trajectory``,
+      ``stochastic`` True for a traced ``eta`` (see the module docstring).
+
+    Warns:
+      UserWarning: an eps model sampled without x0 clipping from a first timestep whose
+        1 / sqrt(abar) exceeds :data:`FIRST_STEP_AMPLIFICATION_LIMIT`.
 
     Raises:
       ValueError: an unknown method, spacing, parameterisation or variance; ``num_steps``
-        outside [1, T]; ``eta`` outside [0, 1] or given to a method without it; guidance
+        outside [1, T]; a concrete ``eta`` outside [0, 1], a non-scalar ``eta``, or a
+        non-zero or traced ``eta`` given to a method without it; guidance
         without ``uncond_kwargs`` (or the reverse) or with mismatched kwargs; a bad shape,
         ``trajectory_every`` or ``first_index``; a schedule that is traced or not a
         :class:`~diffusion_jax.schedules.Schedule`; an unhashable ``model_fn``.
@@ -88,12 +121,23 @@ def make_options(
     shape = tuple(int(d) for d in shape)
     num_timesteps = schedule.num_timesteps
     num_steps = num_timesteps if num_steps is None else check_num_steps(num_timesteps, num_steps)
-    eta = float(eta)
-    if not 0.0 <= eta <= 1.0:
-        raise ValueError(f"eta must be in [0, 1], got {eta=}.")
-    if eta != 0.0 and not sampler.takes_eta:
-        with_eta = " or ".join(f"method={m.name!r}" for m in registry.methods() if m.takes_eta)
-        raise ValueError(f"eta only applies to {with_eta}, got {eta=} with {method=}.")
+    if jnp.ndim(eta) != 0:
+        raise ValueError(f"eta must be a scalar, got shape {jnp.shape(eta)}.")
+    with_eta = " or ".join(f"method={m.name!r}" for m in registry.methods() if m.takes_eta)
+    if isinstance(eta, jax.core.Tracer):
+        if not sampler.takes_eta:
+            raise ValueError(
+                f"eta only applies to {with_eta}, got a traced eta with {method=} (a traced "
+                "value cannot be checked to be 0: leave eta at its default)."
+            )
+        stochastic = True
+    else:
+        eta = float(eta)
+        if not 0.0 <= eta <= 1.0:
+            raise ValueError(f"eta must be in [0, 1], got {eta=}.")
+        if eta != 0.0 and not sampler.takes_eta:
+            raise ValueError(f"eta only applies to {with_eta}, got {eta=} with {method=}.")
+        stochastic = sampler.stochastic(eta)
     guidance.check_kwargs(model_kwargs, uncond_kwargs, guidance_scale, shape[0])
     if return_trajectory:
         if trajectory_every is None:
@@ -111,6 +155,21 @@ def make_options(
             "model_fn must be hashable (it is a static argument of the compiled loop); wrap it "
             "in a function defined once."
         ) from None
+    if parameterization == "eps" and clip_x0 is False:
+        first = timesteps_for(num_timesteps, num_steps, timestep_spacing)[0]
+        amplification = first_step_amplification(schedule, int(first))
+        if amplification > FIRST_STEP_AMPLIFICATION_LIMIT:
+            warnings.warn(
+                f"Sampling an eps model without x0 clipping from t = {first}, where "
+                f"1 / sqrt(alpha_bar) = {amplification:.3g} (above "
+                f"{FIRST_STEP_AMPLIFICATION_LIMIT:g}): the first step multiplies any eps error "
+                "by that factor and the samples may diverge. Remedies: "
+                "timestep_spacing='leading' (a first step below T - 1), a v-prediction "
+                "model (parameterization='v'), or clip_x0=True / (low, high) / a dynamic "
+                "threshold; 'trailing' spacing starts at T - 1 as well.",
+                UserWarning,
+                stacklevel=3,
+            )
     return SamplerOptions(
         method=sampler,
         shape=shape,
@@ -118,6 +177,18 @@ def make_options(
         parameterization=parameterization,
         variance=variance,
         clip_x0=tuple(clip_x0) if isinstance(clip_x0, list) else clip_x0,
-        stochastic=sampler.stochastic(eta),
+        stochastic=stochastic,
         trajectory_every=trajectory_every if return_trajectory else None,
     )
+
+
+def first_step_amplification(schedule: Schedule, first_timestep: int) -> float:
+    """1 / sqrt(abar) at ``first_timestep``: the factor by which the first step of an eps model
+    without clipping multiplies the model's eps error in its x0 (inf where abar is 0).
+
+    Example:
+      >>> first_step_amplification(get_schedule("cosine", 1000), 999)  # about 2e4
+    """
+    alphas_cumprod = np.cumprod(1.0 - host_betas(schedule))
+    with np.errstate(divide="ignore"):
+        return float(1.0 / np.sqrt(alphas_cumprod[first_timestep]))
