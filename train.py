@@ -5,14 +5,24 @@
 
 Running it again on the same workdir resumes from the latest good checkpoint. On several hosts,
 start one process per host; ``jax.distributed`` is initialised from the environment (TPU pods,
-SLURM) or from ``--coordinator_address/--num_processes/--process_id``. A run the library refuses
-(an invalid config, a workdir trained with another config, no readable checkpoint, persistent
-non-finite updates) exits with status 2 and one ``error: ...`` line on stderr, which names the
-flag to change where the library names an argument of ``train_and_evaluate``.
+SLURM) or from ``--coordinator_address/--num_processes/--process_id`` (all three, or none).
+
+Exit status: 0 when the run is complete; ``128 + signal`` (143 for SIGTERM, 130 for Ctrl-C)
+when a signal stopped it after saving its checkpoint (run again to resume); 2 when it is
+refused: a missing or broken config file, an unknown config key (the nearest known one is
+named), an invalid value, a config that does not fit the data, an empty or unwritable workdir,
+a workdir another process is training (named), multi-process flags that do not add up, a
+workdir trained with another config, no readable checkpoint, persistent non-finite updates, a
+full disk. A refusal is one ``error: ...`` line on stderr, naming the flag to change, with no
+traceback unless ``--verbose`` or ``DIFFUSION_JAX_TRACEBACK=1``.
 """
 
+import difflib
+import importlib.util
 import logging
+import os
 import sys
+import traceback
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -26,10 +36,99 @@ flags.DEFINE_bool(
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
 flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
+flags.DEFINE_bool("verbose", False, "Print the traceback of a refused run too.")
 flags.mark_flags_as_required(["workdir"])
 
-# train_and_evaluate's argument names -> these flags, for its error messages.
-FLAG_NAMES = {"allow_config_change": "--allow_config_change"}
+# train_and_evaluate's (and initialize_distributed's) argument names -> these flags.
+FLAG_NAMES = {
+    name: f"--{name}"
+    for name in (
+        "allow_config_change",
+        "workdir",
+        "coordinator_address",
+        "num_processes",
+        "process_id",
+    )
+}
+TRACEBACK_ENV = "DIFFUSION_JAX_TRACEBACK"
+
+
+def _tracebacks_wanted(argv: list[str]) -> bool:
+    """``--verbose`` (read from argv: it must work when the flags themselves do not parse) or
+    ``DIFFUSION_JAX_TRACEBACK=1``."""
+    verbose = any(arg in ("--verbose", "--verbose=true", "--verbose=True") for arg in argv)
+    return verbose or os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
+
+
+def _refuse(message: str, argv: list[str]) -> int:
+    """Prints the one line of a refusal (after the traceback, if wanted); returns 2."""
+    if _tracebacks_wanted(argv):
+        traceback.print_exc()
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+    return 2
+
+
+def _config_path(argv: list[str]) -> str:
+    """The ``--config`` file named in argv (the flag's default if none)."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return FLAGS["config"].default_as_str.strip("'\"")
+
+
+def _config_keys(config, prefix: str = "") -> list[str]:
+    keys = []
+    for name, value in config.items():
+        if hasattr(value, "items"):
+            keys += _config_keys(value, f"{prefix}{name}.")
+        keys.append(f"{prefix}{name}")
+    return keys
+
+
+def _describe_flag_error(err: Exception, argv: list[str]) -> str:
+    """What is wrong with the command line, in one sentence: a missing or broken config file,
+    an override of a key the config does not have (with the nearest known key), or absl's own
+    message."""
+    path = _config_path(argv)
+    if not os.path.isfile(path):
+        return f"--config={path}: no such config file."
+    try:
+        spec = importlib.util.spec_from_file_location("train_config_file", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        config = module.get_config()
+    except Exception as load_error:  # any error of the user's file is reported, not raised
+        if isinstance(load_error, SyntaxError):
+            where = f"line {load_error.lineno}: {load_error.msg}"
+        else:
+            where = f"{type(load_error).__name__}: {load_error}"
+        return f"--config={path} does not load ({where})."
+    known = _config_keys(config)
+    for arg in argv:
+        if arg.startswith("--config.") or arg.startswith("--noconfig."):
+            key = arg.split("=", 1)[0].split("config.", 1)[1]
+            if key not in known:
+                nearest = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+                hint = f"; did you mean {nearest[0]!r}?" if nearest else "."
+                return (
+                    f"{arg}: the config has no key {key!r}{hint} (every field is declared in "
+                    "diffusion_jax/train/defaults.py)"
+                )
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return " ".join(lines) or type(err).__name__
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a command line that does not parse (or a config that does not
+    load) reported as one ``error:`` line and exit status 2."""
+    try:
+        rest = FLAGS(argv)
+        FLAGS.config.keys()  # a config that failed to load raises on first use: now
+    except Exception as err:
+        sys.exit(_refuse(_describe_flag_error(err, argv), argv))
+    return rest
 
 
 def main(argv):
@@ -42,25 +141,29 @@ def main(argv):
     _runtime.keep_freed_memory()  # this process is ours: keep freed heap pages (faster steps)
     from diffusion_jax import train
 
-    train.sharding.initialize_distributed(
-        FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
-    )
     try:
+        train.sharding.initialize_distributed(
+            FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
+        )
         train.train_and_evaluate(
             FLAGS.config, FLAGS.workdir, allow_config_change=FLAGS.allow_config_change
         )
+    except train.Preempted as stop:  # saved; the loop has logged where
+        return stop.exit_status
+    except KeyboardInterrupt:  # a second Ctrl-C: the latest complete checkpoint stands
+        print("error: interrupted; run again to resume from the last checkpoint.", file=sys.stderr)
+        return 130
     except (
         ValueError,
-        FileNotFoundError,
+        OSError,  # FileNotFoundError (a dataset not prepared), a full disk, a permission
         train.checkpoint.CheckpointError,
         train.NonFiniteError,
+        train.lock.WorkdirLockedError,
     ) as err:
         message = err.for_flags(FLAG_NAMES) if isinstance(err, options.ArgumentError) else err
-        logging.error("%s", message)
-        print(f"error: {message}", file=sys.stderr)
-        return 2
+        return _refuse(message, sys.argv)
     return 0
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

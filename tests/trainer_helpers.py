@@ -149,3 +149,39 @@ def assert_trees_equal(a, b):
     """Exact equality of two pytrees of arrays: the same structure, and every leaf the same
     shape, dtype and values."""
     chex.assert_trees_all_equal(a, b, strict=True)
+
+
+# Run by ``killed_train_command``: train.py, SIGKILLing itself in the middle of a chosen action.
+_KILL_SCRIPT = """
+import os, runpy, signal, sys
+from diffusion_jax.train import checkpoint, loop
+where, kill_step = sys.argv[1], int(sys.argv[2])
+sys.argv = sys.argv[3:]  # train.py and its flags
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+if where == "save":  # orbax has taken the arrays and is writing them in its thread
+    original_save = checkpoint.CheckpointManager.save
+    def save(self, step, *args, **kwargs):
+        saved = original_save(self, step, *args, **kwargs)
+        if step == kill_step:
+            die()
+        return saved
+    checkpoint.CheckpointManager.save = save
+elif where == "eval":  # the step's checkpoint has been started, its evaluation has not ended
+    original_evaluate = loop._evaluate
+    def evaluate(step, *args):
+        if step == kill_step:
+            die()
+        return original_evaluate(step, *args)
+    loop._evaluate = evaluate
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def killed_train_command(config_file: str, workdir, flags: list[str], where: str, step: int):
+    """argv of a ``train.py`` run that SIGKILLs itself at ``step``: just after starting that
+    step's checkpoint save (``where="save"``) or as its evaluation begins (``"eval"``)."""
+    command = train_command(config_file, workdir, flags)
+    return [command[0], "-c", _KILL_SCRIPT, where, str(step), *command[1:]]

@@ -4,7 +4,9 @@
 pieces live beside it: the state and the step in :mod:`~diffusion_jax.train.step`, resuming or
 initialising in :mod:`~diffusion_jax.train.resume`, log lines and the non-finite stop in
 :mod:`~diffusion_jax.train.monitor`, when periodic work is due in
-:mod:`~diffusion_jax.train.periodic`, and SIGTERM in :mod:`~diffusion_jax.train.preemption`.
+:mod:`~diffusion_jax.train.periodic`, SIGTERM in :mod:`~diffusion_jax.train.preemption`, the
+start-up checks in :mod:`~diffusion_jax.train.preflight` and the workdir's lock in
+:mod:`~diffusion_jax.train.lock`.
 Since every draw in the step is over the global batch, the same global batch gives the same
 loss on 1 device or 8.
 """
@@ -25,12 +27,22 @@ from tqdm.auto import tqdm
 from diffusion_jax import _runtime, data, schedules
 from diffusion_jax.train import checkpoint as checkpoint_lib
 from diffusion_jax.train import config as config_lib
-from diffusion_jax.train import generate, monitor, periodic, preemption, resume, sharding
+from diffusion_jax.train import (
+    generate,
+    monitor,
+    periodic,
+    preemption,
+    preflight,
+    resume,
+    sharding,
+)
+from diffusion_jax.train import lock as lock_lib
 from diffusion_jax.train import metrics as metrics_lib
 from diffusion_jax.train.monitor import NonFiniteError
+from diffusion_jax.train.preemption import Preempted
 from diffusion_jax.train.step import TrainState, create_train_state, make_eval_step, make_train_step
 
-__all__ = ["NonFiniteError", "train_and_evaluate"]
+__all__ = ["NonFiniteError", "Preempted", "train_and_evaluate"]
 
 
 def train_and_evaluate(
@@ -42,16 +54,22 @@ def train_and_evaluate(
 ) -> TrainState:
     """Trains (or resumes training) the model of ``config``, writing everything to ``workdir``.
 
-    After each step, work falls due through :func:`periodic.itstime`: a log line every
-    ``train.log_every`` steps and at the last one, the held-out loss every ``train.eval_every``,
-    a checkpoint every ``train.checkpoint_every`` and a sample grid every ``train.sample_every``
-    steps; the run ends with a checkpoint and a grid. SIGTERM (or Ctrl-C) saves and stops.
+    First everything knowable before the first step is checked (:mod:`~diffusion_jax.train.
+    preflight`: the config, the workdir, the data against the model) and the workdir is locked
+    (:mod:`~diffusion_jax.train.lock`: one writer per workdir). After each step, work falls due
+    through :func:`periodic.itstime`, in this order: a log line every ``train.log_every`` steps
+    and at the last one; a checkpoint every ``train.checkpoint_every`` steps and at the last one,
+    saved before anything else at that step can fail; the held-out loss every
+    ``train.eval_every`` and a sample grid every ``train.sample_every`` steps. On resumption, the
+    evaluation and grid due at the restored step are done again (a kill after the checkpoint
+    would otherwise lose them). The run ends with a grid. SIGTERM (or Ctrl-C) saves and raises
+    :class:`~diffusion_jax.train.preemption.Preempted`.
 
     Args:
       config: a config as declared in :mod:`diffusion_jax.train.defaults`.
       workdir: the run's directory: ``checkpoints/``, ``metrics.jsonl``, ``tensorboard/``,
-        ``samples/`` and ``config.json``. An existing workdir is resumed from its latest good
-        checkpoint.
+        ``samples/``, ``config.json`` and the ``.lock`` of the run writing it. An existing
+        workdir is resumed from its latest good checkpoint.
       allow_config_change: resume even when ``config`` differs from the saved one in fields that
         change what is trained (fields such as ``train.num_steps`` may always change).
       devices: the devices to train on (default: all).
@@ -60,15 +78,35 @@ def train_and_evaluate(
       The final :class:`TrainState`.
 
     Raises:
-      ValueError: an invalid config, naming the field; an ``options.ArgumentError`` naming
-        ``allow_config_change`` when ``workdir`` was trained with a different config.
+      ValueError: an invalid config or a config that does not fit the data, naming the field;
+        an ``options.ArgumentError`` naming ``workdir`` (empty, a file, not writable) or
+        ``allow_config_change`` (``workdir`` was trained with a different config).
+      FileNotFoundError: the dataset is not prepared.
+      lock.WorkdirLockedError: another process is training ``workdir`` (named in the message).
       checkpoint.CheckpointError: no readable checkpoint to resume, or in ``train.init_from``.
       NonFiniteError: ``train.max_nonfinite_steps`` consecutive updates were not finite.
+      Preempted: SIGTERM or SIGINT stopped the run after its checkpoint was saved.
     """
     config_lib.validate_config(config)
-    workdir, is_chief = os.path.abspath(workdir), jax.process_index() == 0
+    preflight.check_config(config)
+    workdir = preflight.check_workdir(workdir)
+    info, data_shape = preflight.check_data(config)
+    with lock_lib.WorkdirLock(workdir, enabled=jax.process_index() == 0):
+        return _train(config, workdir, info, data_shape, allow_config_change, devices)
+
+
+def _train(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    info: data.DatasetInfo,
+    data_shape: tuple[int, ...],
+    allow_config_change: bool,
+    devices: list[jax.Device] | None,
+) -> TrainState:
+    """The run itself, once checked and locked (see :func:`train_and_evaluate`)."""
+    is_chief = jax.process_index() == 0
     mesh = sharding.make_mesh(devices)
-    run = _build(config, mesh)
+    run = _build(config, info, data_shape, mesh)
     t = config.train
     train_iter = _iterator(config, train=True)
     config_dict = config_lib.config_to_dict(config)
@@ -88,6 +126,10 @@ def train_and_evaluate(
             _progress(t.num_steps, step, enabled=is_chief and t.progress_bar) as progress,
             preemption.StopFlag() as stop,
         ):
+            if step and periodic.itstime(step, t.eval_every, t.num_steps):
+                _evaluate(step, config, run.eval_step, state.ema_params, mesh, writer)
+            if 0 < step < t.num_steps and periodic.itstime(step, t.sample_every, t.num_steps):
+                _write_samples(config, run, state.ema_params, workdir, step, mesh)
             while step < t.num_steps and not stopped:
                 state, out = run.train_step(state, sharding.global_batch(next(train_iter), mesh))
                 step += 1
@@ -95,21 +137,23 @@ def train_and_evaluate(
                 progress.update(1)
                 if periodic.itstime(step, t.log_every, t.num_steps, last=True):
                     _log(step, t.num_steps, window.flush(), writer, progress)
+                stopped = stop.signal is not None  # read once: a save always precedes the stop
+                if periodic.itstime(step, t.checkpoint_every, t.num_steps, last=True) or stopped:
+                    _save(ckpt, step, state, train_iter, config_dict)
+                if stopped:
+                    break
                 if periodic.itstime(step, t.eval_every, t.num_steps):
                     _evaluate(step, config, run.eval_step, state.ema_params, mesh, writer)
-                stopped = stop.signal is not None  # read once: a save always precedes the stop
-                if periodic.itstime(step, t.checkpoint_every, t.num_steps) or stopped:
-                    _save(ckpt, step, state, train_iter, config_dict)
                 if periodic.itstime(step, t.sample_every, t.num_steps) and step < t.num_steps:
                     _write_samples(config, run, state.ema_params, workdir, step, mesh)
             if stopped:
                 logging.warning(
                     "Signal %s: checkpoint saved at step %d; stopping.", stop.signal, step
                 )
-            else:  # the last step (or a finished run resumed): final checkpoint and grid
-                if ckpt.latest_step() != step:
-                    _save(ckpt, step, state, train_iter, config_dict)
-                _write_samples(config, run, state.ema_params, workdir, step, mesh)
+                raise preemption.Preempted(stop.signal, step)
+            if ckpt.latest_step() != step:  # checkpoint_every = 0, or a finished run resumed
+                _save(ckpt, step, state, train_iter, config_dict)
+            _write_samples(config, run, state.ema_params, workdir, step, mesh)
     return state
 
 
@@ -126,16 +170,17 @@ class _Run(NamedTuple):
     eval_step: Callable  # jitted (ema_params, global_batch, index) -> loss
 
 
-def _build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> _Run:
+def _build(
+    config: ml_collections.ConfigDict,
+    info: data.DatasetInfo,
+    data_shape: tuple[int, ...],
+    mesh: jax.sharding.Mesh,
+) -> _Run:
     """Data -> model -> optimiser -> state -> jitted steps, as ``config`` describes them.
 
     Raises:
-      ValueError: the dataset or the mesh does not fit the config (naming the field).
-      FileNotFoundError: the dataset is not prepared.
+      ValueError: the mesh does not fit the config (naming the field).
     """
-    d = config.data
-    info = data.get_dataset_info(d.name, data_dir=d.data_dir or None)
-    data_shape = info.element_shape(d.image_size or None)
     config_lib.validate_batch_split(config, mesh.size)
     schedule = config_lib.build_schedule(config)
     model = config_lib.build_model(config, data_shape, info.num_classes)
@@ -210,10 +255,11 @@ def _evaluate(
     writer: metrics_lib.MetricsWriter,
 ) -> None:
     """Writes ``eval_loss``: the mean loss of ``params`` over the first ``train.eval_batches``
-    held-out batches (nothing if the split has none)."""
+    held-out batches (nothing if the split has none, or if ``step`` has one already: a
+    resumed run evaluates its restored step again)."""
     batches = zip(range(config.train.eval_batches), _iterator(config, train=False), strict=False)
     losses = [eval_step(params, sharding.global_batch(b, mesh), index) for index, b in batches]
-    if losses:
+    if losses and not writer.recorded(step, "eval_loss"):
         writer.write(step, {"eval_loss": float(np.mean(jax.device_get(losses)))})
 
 

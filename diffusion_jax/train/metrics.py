@@ -1,11 +1,16 @@
 """Where training metrics go: ``metrics.jsonl`` and TensorBoard event files (tensorboardX).
 
-Only process 0 writes; other processes get a writer that drops everything.
+Only process 0 writes; other processes get a writer that drops everything. ``metrics.jsonl``
+is ordered by step with each metric at most once per step, whatever the interruptions: a
+resumed run first truncates it to its checkpoint (:func:`truncate_metrics`), and the writer
+refuses a record that would go back in time or repeat a metric of its step. A file deleted (or
+replaced) during a run is noticed at the next record: the writer warns and starts a new one.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections.abc import Mapping
@@ -67,25 +72,72 @@ class MetricsWriter:
 
     def __init__(self, workdir: str, enabled: bool = True):
         self.enabled = enabled
+        self.path = os.path.join(workdir, METRICS_FILE)
         self._file = None
         self._tb = None
+        self._last_step: int | None = None  # the step of the last record in the file
+        self._last_keys: set[str] = set()  # the metrics recorded at that step
         if enabled:
             os.makedirs(workdir, exist_ok=True)
-            self._file = open(os.path.join(workdir, METRICS_FILE), "a")
+            for record in read_metrics(workdir):
+                step = int(record.get("step", 0))
+                if step != self._last_step:
+                    self._last_step, self._last_keys = step, set()
+                self._last_keys |= set(record) - {"step"}
+            self._file = open(self.path, "a")
             from tensorboardX import SummaryWriter
 
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
+    def _reopen_if_gone(self) -> None:
+        """Starts a new file, with a warning, if ours was deleted or replaced since opened."""
+        try:
+            on_disk = os.stat(self.path)
+            ours = os.fstat(self._file.fileno())
+            gone = (on_disk.st_ino, on_disk.st_dev) != (ours.st_ino, ours.st_dev)
+        except FileNotFoundError:
+            gone = True
+        if gone:
+            logging.warning(
+                "%s was deleted or replaced during the run; starting a new one (the records "
+                "before step %s are not in it).",
+                self.path,
+                self._last_step,
+            )
+            self._file.close()
+            self._file = open(self.path, "a")
+
     def write(self, step: int, values: Mapping[str, Any]) -> None:
-        """Writes one record ``{"step": step, **values}``."""
+        """Writes one record ``{"step": step, **values}``.
+
+        Raises:
+          ValueError: ``step`` is older than the last record's, or repeats one of its metrics.
+        """
         if not self.enabled:
             return
-        record = {"step": int(step), **{k: _clean(v) for k, v in values.items()}}
+        step = int(step)
+        record = {"step": step, **{k: _clean(v) for k, v in values.items()}}
+        if self._last_step is not None and step <= self._last_step:
+            repeated = sorted(self._last_keys & set(values))
+            if step < self._last_step or repeated:
+                raise ValueError(
+                    f"{self.path}: a record at step {step} {repeated or ''} after step "
+                    f"{self._last_step}; records must follow the steps, each metric once."
+                )
+        if step != self._last_step:
+            self._last_step, self._last_keys = step, set()
+        self._last_keys |= set(values)
+        self._reopen_if_gone()
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         for key, value in record.items():
             if key != "step" and isinstance(value, float | int):
                 self._tb.add_scalar(key, value, int(step))
+
+    def recorded(self, step: int, key: str) -> bool:
+        """Whether the last record's ``step`` is ``step`` and ``key`` is among its metrics
+        (always False when disabled)."""
+        return self.enabled and self._last_step == int(step) and key in self._last_keys
 
     def flush(self) -> None:
         """Pushes buffered records to disk."""

@@ -1,5 +1,9 @@
 """Preemption: SIGTERM or Ctrl-C asks the loop to checkpoint and stop after the current step.
 
+The loop then raises :class:`Preempted` (after the checkpoint is written), so that a stopped
+run is never mistaken for a finished one; ``train.py`` exits with ``128 + signal`` (143 for
+SIGTERM, 130 for Ctrl-C), the status a shell or a scheduler expects of a signalled job.
+
 Example (the shape of the training loop)::
 
   with StopFlag() as stop:
@@ -14,7 +18,23 @@ from __future__ import annotations
 
 import signal
 
-__all__ = ["StopFlag"]
+__all__ = ["Preempted", "StopFlag"]
+
+
+class Preempted(Exception):  # a stop asked for, not an error: hence no "Error" suffix
+    """The run stopped on a signal after saving its checkpoint; running again resumes it.
+
+    Attributes:
+      signum: the signal received (``signal.SIGTERM``, ``signal.SIGINT``).
+      step: the step of the checkpoint saved before stopping.
+      exit_status: ``128 + signum``, the conventional status of a process stopped by it.
+    """
+
+    def __init__(self, signum: int, step: int):
+        self.signum, self.step = int(signum), int(step)
+        self.exit_status = 128 + self.signum
+        name = signal.Signals(self.signum).name
+        super().__init__(f"{name}: checkpoint saved at step {step}; stopped (run again to resume).")
 
 
 class StopFlag:

@@ -96,7 +96,8 @@ def restore_or_init(
     """The state to train from: the latest good checkpoint of ``ckpt``, or ``init()``.
 
     On resumption ``train_iter`` is moved to the saved position and, on process 0, the
-    records of ``metrics.jsonl`` after the checkpoint's step are dropped. A new run takes its
+    records of ``metrics.jsonl`` after the checkpoint's step are dropped (all of them when
+    there is no checkpoint: they belong to a run killed before its first save). A new run takes its
     parameters from ``config.train.init_from`` when set.
 
     Args:
@@ -113,6 +114,8 @@ def restore_or_init(
       checkpoint.CheckpointError: no checkpoint is readable, here or in ``init_from``.
     """
     if ckpt.latest_step() is None:
+        if jax.process_index() == 0:  # records of a run killed before its first checkpoint
+            metrics_lib.truncate_metrics(workdir, 0)
         state = init()
         if config.train.init_from:
             state = init_params_from(state, config.train.init_from, abstract_state.params)

@@ -17,8 +17,11 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from diffusion_jax import options
+
 __all__ = [
     "DATA_AXIS",
+    "check_distributed_args",
     "data_sharding",
     "global_batch",
     "initialize_distributed",
@@ -92,6 +95,42 @@ def to_host(array: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 
+def check_distributed_args(
+    coordinator_address: str | None, num_processes: int | None, process_id: int | None
+) -> None:
+    """Refuses multi-process arguments that do not add up, which would otherwise train
+    single-process without a word (a ``num_processes`` without a coordinator is ignored).
+
+    All three go together: with ``coordinator_address``, ``num_processes >= 1`` and
+    ``0 <= process_id < num_processes``; without it, neither of the others (the environment of
+    a cluster JAX detects on its own then says how many processes there are).
+
+    Raises:
+      options.ArgumentError: naming the argument to add, remove or correct.
+    """
+    if not coordinator_address:
+        for name, value in (("num_processes", num_processes), ("process_id", process_id)):
+            if value is not None:
+                raise options.ArgumentError(
+                    "coordinator_address",
+                    f"{name} = {value} is given without {{name}}: a multi-process run needs "
+                    "{name}=HOST:PORT of process 0 (or neither, to run as one process).",
+                )
+        return
+    if num_processes is None or num_processes < 1:
+        raise options.ArgumentError(
+            "num_processes",
+            "{name} must be the number of processes (>= 1) when coordinator_address is "
+            f"given; got {num_processes}.",
+        )
+    if process_id is None or not 0 <= process_id < num_processes:
+        raise options.ArgumentError(
+            "process_id",
+            "{name} must be this process's index in [0, "
+            f"{num_processes - 1}] (num_processes = {num_processes}); got {process_id}.",
+        )
+
+
 def initialize_distributed(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
@@ -107,7 +146,11 @@ def initialize_distributed(
 
     Returns:
       Whether ``jax.distributed`` was initialised.
+
+    Raises:
+      options.ArgumentError: the arguments do not add up (:func:`check_distributed_args`).
     """
+    check_distributed_args(coordinator_address, num_processes, process_id)
     kwargs: dict[str, Any] = {}
     if coordinator_address:
         kwargs = dict(

@@ -1,0 +1,119 @@
+"""One writer per workdir: an exclusive lock on ``workdir/.lock`` for the length of a run.
+
+Two trainers writing one workdir would interleave ``metrics.jsonl``, race on checkpoint steps
+and truncate each other's records on resumption. So a trainer takes this lock before it reads
+or writes anything in the workdir, and a second one is refused with an error naming the holder.
+Readers (``sample.py``, evaluation, plots) take no lock. With several processes
+(``jax.distributed``) only process 0 takes it.
+
+**Why ``fcntl.flock``** and not a file created with ``O_CREAT | O_EXCL``: the kernel releases a
+``flock`` when its holder dies, however it dies (SIGKILL, the OOM killer, a crash), so a killed
+run never leaves a stale lock to clean up, and no heuristic (is that pid alive? was the pid
+reused?) can break a live lock by mistake. The lock file itself stays behind; it holds the
+holder's JSON ``{"host", "pid", "started"}`` for the refusal message, and an empty file means
+nobody holds it. On network filesystems ``flock`` is as reliable as the filesystem's locking
+(NFSv4 locks are server-side; some older mounts lock per host only).
+
+Example:
+  >>> with WorkdirLock(workdir):
+  ...     ...  # train
+"""
+
+from __future__ import annotations
+
+import datetime
+import fcntl
+import json
+import os
+import socket
+
+__all__ = ["LOCK_FILE", "WorkdirLock", "WorkdirLockedError", "read_holder"]
+
+LOCK_FILE = ".lock"
+
+
+class WorkdirLockedError(RuntimeError):
+    """Another live process holds the workdir's lock; the message names its host and pid.
+
+    Attributes:
+      holder: the holder's ``{"host", "pid", "started"}`` (empty if it could not be read).
+    """
+
+    def __init__(self, workdir: str, holder: dict):
+        self.holder = holder
+        who = (
+            f"process {holder.get('pid')} on host {holder.get('host')} (started "
+            f"{holder.get('started')})"
+            if holder
+            else "another process"
+        )
+        super().__init__(
+            f"{workdir} is being trained by {who}: one writer per workdir. Wait for it to "
+            "finish or stop it (a resumed run continues from its last checkpoint), or use "
+            "another workdir."
+        )
+
+
+def read_holder(workdir: str) -> dict:
+    """The JSON the lock's holder wrote (empty when unlocked or unreadable)."""
+    try:
+        with open(os.path.join(workdir, LOCK_FILE)) as f:
+            holder = json.loads(f.read() or "{}")
+    except (OSError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+class WorkdirLock:
+    """Holds ``workdir/.lock`` exclusively from :meth:`acquire` (or ``with``) to :meth:`release`.
+
+    Args:
+      workdir: the run's directory (it must exist).
+      enabled: False on every process but 0: then nothing is locked.
+    """
+
+    def __init__(self, workdir: str, *, enabled: bool = True):
+        self.workdir = workdir
+        self.enabled = enabled
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Takes the lock without waiting and records this process in it.
+
+        Raises:
+          WorkdirLockedError: another process holds it.
+        """
+        if not self.enabled or self._fd is not None:
+            return
+        fd = os.open(os.path.join(self.workdir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise WorkdirLockedError(self.workdir, read_holder(self.workdir)) from None
+        holder = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        }
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(holder).encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        """Empties the lock file and lets it go (the file stays: removing it would let a
+        waiting opener lock a deleted file while a third process locks a new one)."""
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            os.ftruncate(fd, 0)
+        finally:
+            os.close(fd)  # closing the descriptor drops the flock
+
+    def __enter__(self) -> WorkdirLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
