@@ -251,26 +251,12 @@ def test_trained_model_scores_lower_than_its_initialisation(nll_workdir):
     assert trained["transitions_bpd"] < untrained["transitions_bpd"] - NLL_MARGIN
 
 
-def test_nll_refuses_two_dimensional_data_and_missing_checkpoints(tmp_path, capsys):
-    import jax
-    import trainer_helpers as h
-
-    from diffusion_jax import train
-
+def test_nll_refuses_missing_workdirs_and_checkpoints(tmp_path, capsys):
+    # 2-D data get a bound in nats/dim now (tests/test_likelihood_continuous.py).
     assert evaluate_cli.main(["nll", "--workdir", str(tmp_path / "nothing")]) == 2
-    assert "No checkpoint" in capsys.readouterr().err
+    assert "No such workdir" in capsys.readouterr().err
+    assert not (tmp_path / "nothing").exists()
     # An empty checkpoints/ folder: the checkpoint module's CheckpointError, no traceback.
     os.makedirs(tmp_path / "empty" / "checkpoints")
     assert evaluate_cli.main(["nll", "--workdir", str(tmp_path / "empty")]) == 2
     assert capsys.readouterr().err.startswith("error: No checkpoint found in")
-    workdir = str(tmp_path / "swissroll")
-    config = h.swissroll(
-        train__num_steps=2,
-        train__checkpoint_every=2,
-        train__eval_every=0,
-        train__log_every=2,
-        train__num_samples=0,
-    )
-    train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
-    with pytest.raises(ValueError, match="discretised decoder"):
-        likelihood.nll_from_workdir(workdir, progress=False)

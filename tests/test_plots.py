@@ -58,6 +58,11 @@ def test_command_line_errors_name_its_flags(tmp_path, capsys):
     assert capsys.readouterr().err == "error: --index must lie in [0, 1499], got -1.\n"
     argv = ["loss", "--workdir", str(tmp_path / "none"), "--out", str(tmp_path / "x.png")]
     assert plots_cli.main(argv) == 2
+    assert capsys.readouterr().err.startswith("error: No such workdir")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "metrics.jsonl").write_text("")
+    argv = ["loss", "--workdir", str(tmp_path / "empty"), "--out", str(tmp_path / "x.png")]
+    assert plots_cli.main(argv) == 2
     assert capsys.readouterr().err.startswith("error: No training losses in")
 
 
@@ -115,7 +120,10 @@ def test_loss_figure(digits_workdir, tmp_path):
     out = tmp_path / "loss.png"
     assert plots_cli.main(["loss", "--workdir", digits_workdir, "--out", str(out)]) == 0
     _assert_png_not_blank(out, min_size=(1200, 420))
-    with pytest.raises(FileNotFoundError, match="No training losses"):
+    with pytest.raises(FileNotFoundError, match="No such workdir"):
+        run_figures.plot_loss(str(tmp_path / "empty"), str(tmp_path / "x.png"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"metrics\.jsonl: the run has not logged"):
         run_figures.plot_loss(str(tmp_path / "empty"), str(tmp_path / "x.png"))
 
 

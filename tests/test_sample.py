@@ -118,7 +118,7 @@ def test_parse_labels_errors_name_the_argument(text, message):
         ({"steps": 51}, "steps", r"^steps must lie in \[1, 50\]"),
         ({"steps": 0}, "steps", "^steps must lie in"),
         ({"labels": "1"}, "labels", "^labels given, but the model is not class-conditional"),
-        ({"guidance": 2.0}, "guidance", "^guidance needs labels"),
+        ({"guidance": 2.0}, "guidance", "^guidance needs a class-conditional model"),
         ({"which": "best"}, "which", "Unknown which .best.; expected one of"),
     ],
 )
@@ -167,9 +167,10 @@ def test_sample_py_command_line(swiss_workdir, tmp_path):
         ]
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "read only" not in result.stderr  # orbax's notice on every read-only open
     assert (out / "samples.npz").exists() and (out / "scatter.png").stat().st_size > 1000
     failed = h.run([h.sys.executable, str(h.REPO / "sample.py"), f"--workdir={tmp_path}/none"])
-    assert failed.returncode == 2 and "No checkpoint in" in failed.stderr
+    assert failed.returncode == 2 and "No such workdir" in failed.stderr
     # The library's ArgumentError about `steps`, worded with this command line's flag.
     refused = h.run(
         [h.sys.executable, str(h.REPO / "sample.py"), f"--workdir={swiss_workdir}", "--steps=51"]

@@ -101,7 +101,10 @@ def list_folder(root: str) -> FolderListing:
 
 
 def scan_images(listing: FolderListing) -> tuple[int | None, int | None, int]:
-    """Reads every image's header to find the stored shape.
+    """Decodes every image once, to find the stored shape and to refuse unreadable files.
+
+    Preparing decodes each image again; decoding here first means a truncated or non-image file
+    stops the preparation before anything is written, with an error naming it.
 
     Args:
       listing: from `list_folder`.
@@ -109,12 +112,27 @@ def scan_images(listing: FolderListing) -> tuple[int | None, int | None, int]:
     Returns:
       ``(height, width, channels)``: height and width are None unless all images share one
       size; channels is 1 if every image is grayscale, else 3 (RGB; alpha is dropped).
+
+    Raises:
+      ValueError: a file with an image ending that PIL cannot decode fully (truncated, damaged
+        or not an image), named with its path.
     """
     sizes, grayscale = set(), True
     for relative_path in listing.files:
-        with Image.open(os.path.join(listing.root, relative_path)) as image:
-            sizes.add(image.size)
-            grayscale = grayscale and image.mode in _GRAYSCALE_MODES
+        path = os.path.join(listing.root, relative_path)
+        try:
+            with Image.open(path) as image:
+                image.load()
+                sizes.add(image.size)
+                grayscale = grayscale and image.mode in _GRAYSCALE_MODES
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+            # PIL reports damage as OSError ("image file is truncated", UnidentifiedImageError)
+            # or SyntaxError (a broken PNG chunk).
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise ValueError(
+                f"Image folder {listing.root!r}: cannot read {path!r} ({reason}); remove or "
+                "replace the file."
+            ) from None
     (width, height) = sizes.pop() if len(sizes) == 1 else (None, None)
     return height, width, 1 if grayscale else 3
 

@@ -27,6 +27,7 @@ import numpy as np
 from diffusion_jax.evaluation.digits_check import DIGITS_CONFIDENCE, digits_report
 from diffusion_jax.evaluation.inception_weights import WEIGHTS_ENV, convert_torch_file
 from diffusion_jax.evaluation.likelihood import format_nll, nll_from_workdir
+from diffusion_jax.evaluation.outputs import check_writable
 from diffusion_jax.evaluation.scoring import fid_from_workdir, ref_stats
 from diffusion_jax.options import ArgumentError
 from diffusion_jax.train.checkpoint import CheckpointError
@@ -40,6 +41,7 @@ FLAGS = {
     "inception_weights": "--inception_weights",
     "method": "--method",
     "num": "--num",
+    "out": "--out",
     "split": "--split",
     "steps": "--steps",
 }
@@ -134,6 +136,7 @@ def _fid(args: argparse.Namespace) -> None:
 
 
 def _convert(args: argparse.Namespace) -> None:
+    check_writable(args.out, "out")
     print(f"wrote {convert_torch_file(args.pth, args.out)}")
 
 

@@ -226,15 +226,34 @@ def save_statistics(path: str, mu: np.ndarray, sigma: np.ndarray, **meta: Any) -
     return path
 
 
+def _first_line(error: Exception) -> str:
+    text = (str(error).strip().splitlines() or [""])[0]
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
 def load_statistics(path: str) -> tuple[np.ndarray, np.ndarray]:
-    """Reads ``(mu [2048], sigma [2048, 2048])`` from ours, pytorch-fid's or TTUR's ``.npz``."""
+    """Reads ``(mu [2048], sigma [2048, 2048])`` from ours, pytorch-fid's or TTUR's ``.npz``.
+
+    Raises:
+      FileNotFoundError: no such file.
+      ValueError: the file is not such an ``.npz`` (one line naming it).
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"Reference statistics {path!r} not found: make them with "
             "`python -m diffusion_jax.evaluation ref-stats --dataset NAME --out FILE`."
         )
-    with np.load(path, allow_pickle=False) as npz:
-        mu, sigma = npz["mu"].astype(np.float64), npz["sigma"].astype(np.float64)
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if not {"mu", "sigma"} <= set(npz.files):
+                raise ValueError(f"it holds {sorted(npz.files)[:5]}, not 'mu' and 'sigma'")
+            mu, sigma = npz["mu"].astype(np.float64), npz["sigma"].astype(np.float64)
+    except Exception as error:  # not a zip, truncated, pickled, ...: one line naming the file
+        raise ValueError(
+            f"Reference statistics {path!r} are not a readable statistics .npz "
+            f"({_first_line(error)}); make them with "
+            "`python -m diffusion_jax.evaluation ref-stats --dataset NAME --out FILE`."
+        ) from None
     dim = inception.FEATURE_DIM
     if mu.shape != (dim,) or sigma.shape != (dim, dim):
         raise ValueError(

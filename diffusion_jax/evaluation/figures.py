@@ -220,8 +220,14 @@ def plot_loss(workdir: str, out: str) -> str:
       ``out``.
 
     Raises:
-      FileNotFoundError: no training losses in ``metrics.jsonl``.
+      FileNotFoundError: no such workdir, no ``metrics.jsonl`` in it, or no training losses
+        in it.
     """
+    if not os.path.isdir(workdir):
+        raise FileNotFoundError(f"No such workdir {os.path.abspath(workdir)}: check the path.")
+    path = os.path.join(workdir, metrics.METRICS_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No {path}: the run has not logged a step yet.")
     records = metrics.read_metrics(workdir)
     steps, loss = _finite_series(records, "loss")
     if not len(steps):

@@ -94,8 +94,16 @@ def load_inception_variables(path: str | os.PathLike | None = None) -> dict[str,
       ValueError: the file is not a converted FID Inception.
     """
     path = resolve_inception_weights(path)
-    with np.load(path, allow_pickle=False) as npz:
-        flat = {tuple(k.split("/")): npz[k] for k in npz.files if not k.startswith(_META)}
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            flat = {tuple(k.split("/")): npz[k] for k in npz.files if not k.startswith(_META)}
+    except Exception as error:  # not a zip, truncated, pickled, ...: one line naming the file
+        text = (str(error).strip().splitlines() or [""])[0]
+        raise ValueError(
+            f"Inception weights {path!r} are not a readable .npz ({type(error).__name__}: "
+            f"{text}); convert pytorch-fid's weights with `python -m diffusion_jax.evaluation "
+            "convert-inception` (see --help)."
+        ) from None
     expected = inception.variable_shapes()
     if {k: v.shape for k, v in flat.items()} != expected:
         missing = sorted("/".join(k) for k in expected.keys() - flat.keys())

@@ -18,7 +18,40 @@ from diffusion_jax.train import checkpoint as checkpoint_lib
 from diffusion_jax.train import config as config_lib
 from diffusion_jax.train import sharding
 
-__all__ = ["Run", "abstract_params", "restore_run"]
+__all__ = ["Run", "abstract_params", "checkpoint_dir", "read_run_config", "restore_run"]
+
+
+def checkpoint_dir(workdir: str) -> str:
+    """``workdir/checkpoints`` (absolute), checked to exist; nothing is created.
+
+    Raises:
+      FileNotFoundError: no such workdir, or no checkpoint in it.
+    """
+    workdir = os.path.abspath(os.fspath(workdir))
+    if not os.path.isdir(workdir):
+        raise FileNotFoundError(f"No such workdir {workdir}: check the path.")
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+        raise FileNotFoundError(f"No checkpoint in {ckpt_dir}: train a model there first.")
+    return ckpt_dir
+
+
+def read_run_config(workdir: str, checkpoint_step: int | None = None) -> ml_collections.ConfigDict:
+    """The config saved with a workdir's checkpoint, without reading any array.
+
+    A tool checks a request against it (e.g. guidance needs a class-conditional model) before
+    restoring anything heavy. The checkpoint is chosen as :func:`restore_run` chooses it.
+
+    Raises:
+      FileNotFoundError: as :func:`checkpoint_dir`.
+      diffusion_jax.train.checkpoint.CheckpointError: no readable checkpoint.
+    """
+    saved = checkpoint_lib.read_config(checkpoint_dir(workdir), checkpoint_step)
+    if saved is None:
+        raise checkpoint_lib.CheckpointError(
+            f"The checkpoint of {workdir} was saved without its config."
+        )
+    return ml_collections.ConfigDict(saved)
 
 
 def abstract_params(model, data_shape, conditional: bool, mesh) -> Any:
@@ -72,14 +105,12 @@ def restore_run(
 
     Raises:
       ArgumentError: ``which`` is neither ``"ema"`` nor ``"raw"``.
-      FileNotFoundError: the workdir has no checkpoint.
+      FileNotFoundError: no such workdir, or it has no checkpoint.
       ValueError: a ``checkpoint_step`` that does not exist.
       diffusion_jax.train.checkpoint.CheckpointError: no checkpoint of the workdir is readable.
     """
     options.check("params", which, label="which")
-    ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
-    if not os.path.isdir(ckpt_dir):
-        raise FileNotFoundError(f"No checkpoint in {ckpt_dir}: train a model there first.")
+    ckpt_dir = checkpoint_dir(workdir)
     mesh = sharding.make_mesh() if mesh is None else mesh
     built = {}
 

@@ -17,10 +17,12 @@ from PIL import Image
 
 from diffusion_jax import options, plots
 from diffusion_jax.data import toy
-from diffusion_jax.evaluation.runs import Run, restore_run
+from diffusion_jax.evaluation.outputs import check_writable
+from diffusion_jax.evaluation.runs import Run, checkpoint_dir, read_run_config, restore_run
 from diffusion_jax.train.generate import generate, to_uint8
 
 __all__ = [
+    "check_conditioning",
     "check_method",
     "generate_from_run",
     "parse_labels",
@@ -33,6 +35,28 @@ def check_method(method: str) -> None:
     """An :class:`~diffusion_jax.options.ArgumentError` about ``method``, naming the sampler
     methods, when ``method`` is not one of them."""
     options.check("method", method)
+
+
+def check_conditioning(config, *, guidance: float | None, labels: str | None) -> None:
+    """Refuses guidance or labels for a model that is not class-conditional.
+
+    Run on the saved config before the parameters are restored, so the request fails first.
+
+    Raises:
+      ArgumentError: about ``guidance`` (or ``labels``) for an unconditional model.
+    """
+    if config.model.class_conditional:
+        return
+    if guidance is not None:
+        raise options.ArgumentError(
+            "guidance",
+            "{name} needs a class-conditional model; this run's is unconditional (trained "
+            "without labels), so classifier-free guidance cannot work.",
+        )
+    if labels:
+        raise options.ArgumentError(
+            "labels", "{name} given, but the model is not class-conditional."
+        )
 
 
 def resolve_steps(run: Run, steps: int | None) -> int:
@@ -165,14 +189,23 @@ def sample_from_workdir(
     Returns:
       The paths written, by kind (``grid``, ``npz``, ``images``).
 
+    The request is checked before anything heavy starts, in this order: the arguments, that
+    ``workdir`` has checkpoints (nothing is created in a mistyped workdir), that ``out`` can be
+    written, and guidance or labels against the saved config; then the parameters are restored
+    and the samples drawn.
+
     Raises:
-      ArgumentError: a bad ``method``, ``num``, ``steps``, ``which``, ``labels`` or
-        ``guidance``; ``str(error)`` names the argument.
+      ArgumentError: a bad ``method``, ``num``, ``steps``, ``which``, ``labels``,
+        ``guidance`` or ``out`` (not writable); ``str(error)`` names the argument.
       FileNotFoundError, ValueError, CheckpointError: as :func:`restore_run` raises them.
     """
     check_method(method)
+    options.check("params", which, label="which")
     if num < 1:
         raise options.ArgumentError("num", f"{{name}} must be >= 1, got {num}.")
+    checkpoint_dir(workdir)
+    check_writable(out, "out", directory=True)
+    check_conditioning(read_run_config(workdir, checkpoint_step), guidance=guidance, labels=labels)
     run = restore_run(workdir, which=which, checkpoint_step=checkpoint_step)
     config, info = run.config, run.info
     steps = resolve_steps(run, steps)

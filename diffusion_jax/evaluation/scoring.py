@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 from diffusion_jax import data, options
 from diffusion_jax.evaluation import fid, sampling
 from diffusion_jax.evaluation.inception_weights import load_inception_variables
-from diffusion_jax.evaluation.runs import restore_run
+from diffusion_jax.evaluation.outputs import check_writable
+from diffusion_jax.evaluation.runs import checkpoint_dir, read_run_config, restore_run
 from diffusion_jax.train.generate import to_uint8
 
 __all__ = ["fid_from_workdir", "ref_stats"]
@@ -63,10 +64,12 @@ def ref_stats(
       10 splits, or one per 100 images below 1000).
 
     Raises:
-      ArgumentError: ``num`` outside [2, the split's size].
+      ArgumentError: ``num`` outside [2, the split's size], or an ``out`` that cannot be
+        written (checked first).
       FileNotFoundError: no Inception weights file.
-      ValueError: ``dataset`` holds no images.
+      ValueError: ``dataset`` holds no images, or the weights file is not a readable ``.npz``.
     """
+    check_writable(out, "out")
     variables = load_inception_variables(inception_weights)
     info, source = data.open_split(dataset, split=split, data_dir=data_dir)
     if info.kind != "image":
@@ -156,16 +159,22 @@ def fid_from_workdir(
     Raises:
       ArgumentError: a bad ``which``, ``method``, ``num``, ``steps`` or ``guidance``;
         ``str(error)`` names the argument.
-      FileNotFoundError: no reference statistics, Inception weights or checkpoint.
-      ValueError: the run's data are not images.
+      FileNotFoundError: no such workdir, no checkpoint, reference statistics or Inception
+        weights.
+      ValueError: the run's data are not images; the statistics or weights are not a readable
+        ``.npz``.
     """
     options.check("params", which, label="which")
     sampling.check_method(method)
     if num < 2:
         raise options.ArgumentError("num", f"{{name}} must be >= 2 for a covariance, got {num}.")
-    # Fail on missing inputs before sampling for hours.
+    # Fail on missing inputs and impossible requests before sampling for hours.
+    checkpoint_dir(workdir)
     ref_mu, ref_sigma = fid.load_statistics(ref_stats_path)
     variables = load_inception_variables(inception_weights)
+    sampling.check_conditioning(
+        read_run_config(workdir, checkpoint_step), guidance=guidance, labels=None
+    )
 
     run = restore_run(workdir, which=which, checkpoint_step=checkpoint_step)
     config, info = run.config, run.info
@@ -174,10 +183,6 @@ def fid_from_workdir(
         raise ValueError(f"FID needs an image model; {config.data.name!r} is {info.kind} data.")
     conditional = bool(config.model.class_conditional)
     labels = np.arange(num, dtype=np.int32) % info.num_classes if conditional else None
-    if guidance is not None and labels is None:
-        raise options.ArgumentError(
-            "guidance", "{name} needs a class-conditional model; this run's is unconditional."
-        )
     start = time.time()
     samples = sampling.generate_from_run(
         run,

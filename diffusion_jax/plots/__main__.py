@@ -21,6 +21,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from diffusion_jax.evaluation.figures import plot_loss, plot_samples, plot_trajectory
+from diffusion_jax.evaluation.outputs import check_writable
+from diffusion_jax.evaluation.runs import checkpoint_dir
 from diffusion_jax.options import ArgumentError
 from diffusion_jax.plots.figures import dataset_image, plot_noising, plot_schedules
 from diffusion_jax.train.checkpoint import CheckpointError
@@ -35,6 +37,7 @@ FLAGS = {
     "method": "--method",
     "num": "--num",
     "num_timesteps": "--num_timesteps",
+    "out": "--out",
     "steps": "--steps",
 }
 """The library's argument names -> the flags of this command line, for error messages."""
@@ -74,6 +77,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.name in WORKDIR_FIGURES and not args.workdir:
         parser.error(f"{args.name} needs --workdir")
     try:
+        check_writable(args.out, "out")  # before any drawing (a trajectory samples first)
+        if args.name in ("trajectory", "samples"):
+            checkpoint_dir(args.workdir)
         path = _draw(args)
     except ArgumentError as err:
         print(f"error: {err.for_flags(FLAGS)}", file=sys.stderr)

@@ -76,6 +76,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointManager",
     "Restored",
+    "read_config",
     "restore_params",
     "restore_params_with_config",
 ]
@@ -224,6 +225,16 @@ def _reader_manager(directory: str) -> ocp.CheckpointManager:
             _CONFIG: ocp.JsonCheckpointHandler(),
         },
     )
+
+
+def _available_steps(manager: ocp.CheckpointManager, directory: str, step: int | None) -> list[int]:
+    """The reader's steps, newest first; a ValueError if ``step`` is given and not among them."""
+    available = sorted(manager.all_steps(), reverse=True)
+    if step is not None and available and int(step) not in available:
+        raise ValueError(
+            f"No checkpoint at step {step} in {directory}; available: {sorted(available)}."
+        )
+    return available
 
 
 def _saved_digests(manager: ocp.CheckpointManager, step: int) -> dict[str, Any] | None:
@@ -509,11 +520,7 @@ def restore_params_with_config(
     directory = os.path.abspath(os.fspath(directory))
     manager = _open_reader(directory)
     try:
-        available = sorted(manager.all_steps(), reverse=True)
-        if step is not None and available and int(step) not in available:
-            raise ValueError(
-                f"No checkpoint at step {step} in {directory}; available: {sorted(available)}."
-            )
+        available = _available_steps(manager, directory, step)
 
         def read(s: int) -> Any:
             saved_config = _read_config(manager, directory, s)
@@ -546,5 +553,37 @@ def restore_params_with_config(
         steps = [int(step)] if step is not None else available
         found, params, _ = _first_good(directory, steps, read, fall_back=step is None)
         return found, params
+    finally:
+        manager.close()
+
+
+def read_config(directory: str, step: int | None = None) -> dict | None:
+    """The config saved with a checkpoint, read without its arrays and without writing.
+
+    The readers' counterpart of :meth:`CheckpointManager.read_config` (which opens the
+    directory for writing): a tool checks a request against the run's config with it before
+    restoring anything heavy.
+
+    Args:
+      directory: a :class:`CheckpointManager` directory.
+      step: the checkpoint's step; None for the newest one whose JSON items are intact (a
+        damaged one is skipped with a warning).
+
+    Returns:
+      The config dict, or None if the checkpoint was saved without one.
+
+    Raises:
+      CheckpointError: no checkpoint in ``directory``, or none readable.
+      ValueError: a ``step`` that is not in ``directory``.
+    """
+    directory = os.path.abspath(os.fspath(directory))
+    manager = _open_reader(directory)
+    try:
+        available = _available_steps(manager, directory, step)
+        steps = [int(step)] if step is not None else available
+        _, config, _ = _first_good(
+            directory, steps, lambda s: _read_config(manager, directory, s), fall_back=step is None
+        )
+        return config
     finally:
         manager.close()
