@@ -511,7 +511,7 @@ def _first_step_warnings(**kwargs):
             options.pop("schedule", SCHEDULE),
             (2, 4),
             timestep_spacing=options.pop("timestep_spacing", "linspace"),
-            eta=0.0,
+            eta=options.pop("eta", 0.0),
             parameterization=options.pop("parameterization", "eps"),
             variance="fixed_small",
             model_kwargs=None,
@@ -527,8 +527,8 @@ def _first_step_warnings(**kwargs):
 
 def test_first_step_amplification_warning():
     """Cosine from t = T - 1 (1 / sqrt(abar) = 2.0e3 at T = 100, above the limit) with an eps
-    model and no clipping warns, naming the remedies; each remedy, and the linear schedule
-    (157 at T = 1000), does not."""
+    model, no clipping and a deterministic sampler warns, naming the remedies; each remedy,
+    the linear schedule (157 at T = 1000) and the stochastic samplers do not."""
     from_last = _first_step_warnings()
     assert len(from_last) == 1 and from_last[0].category is UserWarning
     message = str(from_last[0].message)
@@ -541,6 +541,8 @@ def test_first_step_amplification_warning():
         {"clip_x0": True},
         {"clip_x0": dynamic_threshold},
         {"schedule": SCHEDULES["linear1000"]},
+        {"method": "ddpm"},
+        {"method": "ddim", "eta": 0.5},
     ):
         assert not _first_step_warnings(**quiet), quiet
     amplification = samplers.validation.first_step_amplification(SCHEDULE, T - 1)

@@ -9,9 +9,10 @@ Images are 8-bit: ``x0 = uint8 / 127.5 - 1`` on the grid of 256 levels, so the n
 with published ones for CIFAR-10 or ImageNet. The embedded ``digits`` hold 17 levels upscaled to
 8 bits: their bits/dim compare with no published figure. L_0 uses the exact normal CDF
 (:func:`~diffusion_jax.losses.discretized_gaussian_log_likelihood`); the published DDPM and
-improved-DDPM code uses a tanh approximation of it, which scores L_0, and so the total, higher:
-by 4.8e-4 bits/dim on the input that ``tests/test_losses.py`` pins (decoder mean off by half
-its sigma); the gap depends on the decoder's error and is of order 1e-4..1e-3 bits/dim.
+improved-DDPM code uses a tanh approximation of it, whose L_0, and so total, differs: 4.8e-4
+bits/dim higher on the input that ``tests/test_losses.py`` pins (decoder mean off by half its
+sigma); the gap depends on the decoder's error, of order 1e-4..1e-3 bits/dim, so compare
+with published figures to about 1e-3 bits/dim.
 
 2-D toy sets are continuous: they get a bound with a Gaussian decoder, L_0 = -log N(x0;
 mu_theta(x_1, 1), sigma_1^2), a density, reported in nats per dimension (``units:
@@ -44,8 +45,8 @@ __all__ = ["DECODER_NOTES", "format_nll", "nll_from_workdir", "nll_of_source"]
 DECODER_NOTES = {
     "discretized": (
         "L_0 uses the exact normal CDF; the DDPM / improved-DDPM reference code's tanh "
-        "approximation of it scores L_0 (and the total) higher, by 4.8e-4 bits/dim on the "
-        "input tests/test_losses.py pins (of order 1e-4..1e-3 bits/dim in general)."
+        "approximation of it changes L_0 (and the total) by 1e-4..1e-3 bits/dim: 4.8e-4 "
+        "bits/dim higher on the input tests/test_losses.py pins."
     ),
     "gaussian": (
         "continuous data: a bound in nats/dim with a Gaussian decoder L_0 = -log N(x0; "

@@ -134,10 +134,11 @@ def sample(
       float32 samples of ``shape``, or a :class:`Trajectory` with ``return_trajectory``.
 
     Warns:
-      UserWarning: an eps model without x0 clipping whose first timestep has 1 / sqrt(abar)
-        above :data:`~diffusion_jax.samplers.validation.FIRST_STEP_AMPLIFICATION_LIMIT`
-        (cosine from t = T - 1): the first step amplifies eps errors by that factor. Use
-        ``leading`` spacing, v prediction or clipping.
+      UserWarning: a deterministic run (DDIM with eta = 0, DPM-Solver++) of an eps model
+        without x0 clipping whose first timestep has 1 / sqrt(abar) above
+        :data:`~diffusion_jax.samplers.validation.FIRST_STEP_AMPLIFICATION_LIMIT` (cosine
+        from t = T - 1): the first step amplifies eps errors by that factor. Use ``leading``
+        spacing, v prediction or clipping.
 
     Raises:
       ValueError: an unknown method, spacing, parameterisation or variance; ``num_steps``

@@ -11,7 +11,9 @@ deterministic loop. A traced eta is not range-checked, and a method without eta 
 The first step's warning: with eps prediction and no x0 clipping, the first update divides the
 model's eps by sqrt(abar) of the first visited timestep (x0 = (x_t - sqrt(1 - abar) eps) /
 sqrt(abar)), so any eps error is amplified by 1 / sqrt(abar). Above
-:data:`FIRST_STEP_AMPLIFICATION_LIMIT` a :class:`UserWarning` names the remedies.
+:data:`FIRST_STEP_AMPLIFICATION_LIMIT` a deterministic run (DDIM with eta = 0, DPM-Solver++)
+gets a :class:`UserWarning` naming the remedies. Stochastic runs are spared: ancestral sampling
+re-draws noise at every step and measured unharmed (benchmarks/sampler_first_step.py).
 """
 
 from __future__ import annotations
@@ -39,11 +41,11 @@ __all__ = [
     "make_options",
 ]
 
-# 1 / sqrt(abar) at the first visited timestep above which an eps model sampled without x0
-# clipping is warned about. Every DDPM-family schedule (linear, quadratic, sigmoid) starts
-# below 160 at any T, and cosine below 65 with ``leading`` spacing; cosine from t = T - 1 starts
-# at about 20 T (2e4 at T = 1000), where an eps error of 0.01 is an x0 error of 200.
-# benchmarks/sampler_first_step.py measures the damage and the remedies on 2-D moons.
+# 1 / sqrt(abar) at the first visited timestep above which a deterministic run of an eps
+# model without x0 clipping is warned about. Every DDPM-family schedule (linear, quadratic,
+# sigmoid) starts below 160 at any T, and cosine below 65 with ``leading`` spacing; cosine from
+# t = T - 1 starts at about 20 T (2e4 at T = 1000), where an eps error of 0.01 is an x0 error
+# of 200. benchmarks/sampler_first_step.py measures the damage and the remedies on 2-D moons.
 FIRST_STEP_AMPLIFICATION_LIMIT = 500.0
 
 
@@ -94,8 +96,8 @@ def make_options(
       ``stochastic`` True for a traced ``eta`` (see the module docstring).
 
     Warns:
-      UserWarning: an eps model sampled without x0 clipping from a first timestep whose
-        1 / sqrt(abar) exceeds :data:`FIRST_STEP_AMPLIFICATION_LIMIT`.
+      UserWarning: a deterministic run of an eps model without x0 clipping from a first
+        timestep whose 1 / sqrt(abar) exceeds :data:`FIRST_STEP_AMPLIFICATION_LIMIT`.
 
     Raises:
       ValueError: an unknown method, spacing, parameterisation or variance; ``num_steps``
@@ -155,7 +157,7 @@ def make_options(
             "model_fn must be hashable (it is a static argument of the compiled loop); wrap it "
             "in a function defined once."
         ) from None
-    if parameterization == "eps" and clip_x0 is False:
+    if parameterization == "eps" and clip_x0 is False and not stochastic:
         first = timesteps_for(num_timesteps, num_steps, timestep_spacing)[0]
         amplification = first_step_amplification(schedule, int(first))
         if amplification > FIRST_STEP_AMPLIFICATION_LIMIT:
