@@ -18,6 +18,7 @@ from diffusion_jax.train.checkpoint import (
     CheckpointError,
     CheckpointManager,
     Restored,
+    read_config,
     restore_params,
     restore_params_with_config,
 )
@@ -489,6 +490,7 @@ def test_edited_json_item_of_newest_falls_back_for_every_reader(tmp_path, caplog
         step, params = restore_params_with_config(directory, lambda config: None)
         assert step == 1
         _assert_bitwise_equal(params, states[1]["ema_params"])
+        assert read_config(directory) == {"lr": 0.1}
         with CheckpointManager(directory) as manager:
             assert manager.read_config() == {"lr": 0.1}
         assert newest in caplog.text and "using step 1" in caplog.text

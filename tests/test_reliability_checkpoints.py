@@ -13,7 +13,7 @@ import pytest
 import trainer_helpers as h
 
 from diffusion_jax import train
-from diffusion_jax.evaluation import runs
+from diffusion_jax.evaluation import runs, sampling
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:(?s).*Event loop is closed:pytest.PytestUnraisableExceptionWarning"
@@ -68,3 +68,13 @@ def test_sampling_restore_falls_back_past_an_edited_item(trained, tmp_path, capl
     assert run.step == 10
     assert os.path.join(workdir, "checkpoints", "20") in caplog.text
     assert not (workdir / "checkpoints" / "corrupt").exists()  # a reader moves nothing
+
+
+def test_sample_from_workdir_falls_back_past_an_unreadable_config(trained, tmp_path, caplog):
+    workdir, _ = _edited_copy(trained, tmp_path, EDITS["config_structure"])
+    with caplog.at_level(logging.WARNING):
+        written = sampling.sample_from_workdir(
+            str(workdir), out=str(tmp_path / "out"), num=4, steps=2, progress=False
+        )
+    assert os.path.isfile(written["npz"])
+    assert os.path.join(workdir, "checkpoints", "20") in caplog.text

@@ -29,7 +29,7 @@ existed still load, unchecked. A non-finite state is never saved, so none is eve
 either.
 
 **One rule for every reader.** :meth:`CheckpointManager.restore` (the trainer's resume),
-:meth:`CheckpointManager.read_config`, :func:`restore_params` and
+:meth:`CheckpointManager.read_config`, :func:`read_config`, :func:`restore_params` and
 :func:`restore_params_with_config` (sampling, evaluation) all skip an unreadable newest
 checkpoint (any item: arrays, digests, data position, config) with one warning naming it, and
 use the newest readable one; only an explicitly requested ``step`` fails without falling back.
