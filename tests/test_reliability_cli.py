@@ -159,6 +159,7 @@ def _sample_py(*flags):
 def test_sample_py_failures(tmp_path):
     """One subprocess per failure class: each is one error line and exit status 2."""
     unconditional = _fake_run(tmp_path / "run", conditional=False)
+    conditional = _fake_run(tmp_path / "conditional", conditional=True)
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     cases = {
@@ -166,6 +167,14 @@ def test_sample_py_failures(tmp_path):
         "guidance": (
             [f"--workdir={unconditional}", "--guidance=3"],
             "error: --guidance needs a class-conditional model",
+        ),
+        "guidance_without_labels": (
+            [f"--workdir={conditional}", "--guidance=3"],
+            "error: --guidance needs labels",
+        ),
+        "steps": (
+            [f"--workdir={unconditional}", "--steps=11"],
+            "error: --steps must lie in [1, 10]",
         ),
         "out": (
             [f"--workdir={unconditional}", f"--out={blocker}/samples"],

@@ -10,6 +10,7 @@ its flags.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import jax
 import numpy as np
@@ -59,13 +60,16 @@ def check_conditioning(config, *, guidance: float | None, labels: str | None) ->
         )
 
 
-def resolve_steps(run: Run, steps: int | None) -> int:
+def resolve_steps(run: Run | Any, steps: int | None) -> int:
     """The sampler steps for ``run``'s model: ``None`` means all T; others must lie in [1, T].
+
+    ``run`` is a :class:`Run`, or the saved config alone (to check before restoring).
 
     Raises:
       ArgumentError: about ``steps``, outside [1, T].
     """
-    num_timesteps = run.config.diffusion.num_timesteps
+    config = run.config if isinstance(run, Run) else run
+    num_timesteps = config.diffusion.num_timesteps
     steps = num_timesteps if steps is None else steps
     if not 1 <= steps <= num_timesteps:
         raise options.ArgumentError(
@@ -205,17 +209,19 @@ def sample_from_workdir(
         raise options.ArgumentError("num", f"{{name}} must be >= 1, got {num}.")
     checkpoint_dir(workdir)
     check_writable(out, "out", directory=True)
-    check_conditioning(read_run_config(workdir, checkpoint_step), guidance=guidance, labels=labels)
+    saved_config = read_run_config(workdir, checkpoint_step)
+    check_conditioning(saved_config, guidance=guidance, labels=labels)
+    if guidance is not None and not labels:
+        raise options.ArgumentError(
+            "guidance", "{name} needs labels to guide towards (the guidance is class-conditional)."
+        )
+    resolve_steps(saved_config, steps)
     run = restore_run(workdir, which=which, checkpoint_step=checkpoint_step)
     config, info = run.config, run.info
     steps = resolve_steps(run, steps)
     is_image = info.kind == "image"
     conditional = bool(config.model.class_conditional)
     label_array = parse_labels(labels, num, info.num_classes if conditional else None)
-    if guidance is not None and label_array is None:
-        raise options.ArgumentError(
-            "guidance", "{name} needs labels to guide towards (the guidance is class-conditional)."
-        )
     if conditional and label_array is None:
         label_array = np.arange(num, dtype=np.int32) % info.num_classes
     samples = generate_from_run(
