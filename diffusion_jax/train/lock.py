@@ -12,7 +12,8 @@ run never leaves a stale lock to clean up, and no heuristic (is that pid alive? 
 reused?) can break a live lock by mistake. The lock file itself stays behind; it holds the
 holder's JSON ``{"host", "pid", "started"}`` for the refusal message, and an empty file means
 nobody holds it. On network filesystems ``flock`` is as reliable as the filesystem's locking
-(NFSv4 locks are server-side; some older mounts lock per host only).
+(NFSv4 locks are server-side; some older mounts lock per host only); where a filesystem has no
+locks at all, the run goes on with a warning.
 
 Example:
   >>> with WorkdirLock(workdir):
@@ -22,8 +23,10 @@ Example:
 from __future__ import annotations
 
 import datetime
+import errno
 import fcntl
 import json
+import logging
 import os
 import socket
 
@@ -91,6 +94,13 @@ class WorkdirLock:
         except BlockingIOError:
             os.close(fd)
             raise WorkdirLockedError(self.workdir, read_holder(self.workdir)) from None
+        except OSError as err:  # a filesystem without locks: train, but say it is unguarded
+            if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                os.close(fd)
+                raise
+            logging.warning(
+                "Cannot lock %s (%s): nothing stops a second writer.", self.workdir, err
+            )
         holder = {
             "host": socket.gethostname(),
             "pid": os.getpid(),
