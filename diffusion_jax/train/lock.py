@@ -30,6 +30,10 @@ import logging
 import os
 import socket
 
+import jax
+
+from diffusion_jax.train import sharding
+
 __all__ = ["LOCK_FILE", "WorkdirLock", "WorkdirLockedError", "read_holder"]
 
 LOCK_FILE = ".lock"
@@ -48,7 +52,7 @@ class WorkdirLockedError(RuntimeError):
             f"process {holder.get('pid')} on host {holder.get('host')} (started "
             f"{holder.get('started')})"
             if holder
-            else "another process"
+            else "another process (named in process 0's error)"
         )
         super().__init__(
             f"{workdir} is being trained by {who}: one writer per workdir. Wait for it to "
@@ -72,22 +76,34 @@ class WorkdirLock:
 
     Args:
       workdir: the run's directory (it must exist).
-      enabled: False on every process but 0: then nothing is locked.
+      enabled: whether this process takes the lock (default: process 0 only). With several
+        processes every one must call :meth:`acquire`: they all learn process 0's outcome,
+        so that all of them stop when it is refused.
     """
 
-    def __init__(self, workdir: str, *, enabled: bool = True):
+    def __init__(self, workdir: str, *, enabled: bool | None = None):
         self.workdir = workdir
-        self.enabled = enabled
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self._fd: int | None = None
 
     def acquire(self) -> None:
         """Takes the lock without waiting and records this process in it.
 
         Raises:
-          WorkdirLockedError: another process holds it.
+          WorkdirLockedError: another process holds it (on every process of the run).
         """
-        if not self.enabled or self._fd is not None:
-            return
+        refused = None
+        if self.enabled and self._fd is None:
+            try:
+                self._take()
+            except WorkdirLockedError as err:
+                refused = err
+        if not sharding.broadcast_from_process_0(refused is None):
+            raise refused or WorkdirLockedError(self.workdir, {})
+        if refused is not None:
+            raise refused
+
+    def _take(self) -> None:
         fd = os.open(os.path.join(self.workdir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -91,7 +91,7 @@ def train_and_evaluate(
     preflight.check_config(config)
     workdir = preflight.check_workdir(workdir)
     info, data_shape = preflight.check_data(config)
-    with lock_lib.WorkdirLock(workdir, enabled=jax.process_index() == 0):
+    with lock_lib.WorkdirLock(workdir):  # taken by process 0, followed by all
         return _train(config, workdir, info, data_shape, allow_config_change, devices)
 
 

@@ -21,6 +21,7 @@ from diffusion_jax import options
 
 __all__ = [
     "DATA_AXIS",
+    "broadcast_from_process_0",
     "check_distributed_args",
     "data_sharding",
     "global_batch",
@@ -129,6 +130,16 @@ def check_distributed_args(
             "{name} must be this process's index in [0, "
             f"{num_processes - 1}] (num_processes = {num_processes}); got {process_id}.",
         )
+
+
+def broadcast_from_process_0(flag: bool) -> bool:
+    """Process 0's ``flag`` on every process (a collective: every process must call it), so
+    that a decision taken by process 0 alone (the workdir's lock) is followed by all."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(bool(flag))))
 
 
 def initialize_distributed(
