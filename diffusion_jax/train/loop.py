@@ -126,6 +126,8 @@ def _train(
             _progress(t.num_steps, step, enabled=is_chief and t.progress_bar) as progress,
             preemption.StopFlag() as stop,
         ):
+            # Resumed after a kill between a checkpoint and its step's evaluation or grid: redo
+            # them (an evaluation already in metrics.jsonl is not written twice).
             if step and periodic.itstime(step, t.eval_every, t.num_steps):
                 _evaluate(step, config, run.eval_step, state.ema_params, mesh, writer)
             if 0 < step < t.num_steps and periodic.itstime(step, t.sample_every, t.num_steps):
@@ -151,7 +153,7 @@ def _train(
                     "Signal %s: checkpoint saved at step %d; stopping.", stop.signal, step
                 )
                 raise preemption.Preempted(stop.signal, step)
-            if ckpt.latest_step() != step:  # checkpoint_every = 0, or a finished run resumed
+            if ckpt.latest_step() != step:  # checkpoint_every = 0: nothing saved yet
                 _save(ckpt, step, state, train_iter, config_dict)
             _write_samples(config, run, state.ema_params, workdir, step, mesh)
     return state
