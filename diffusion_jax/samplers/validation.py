@@ -166,9 +166,9 @@ def make_options(
                 f"1 / sqrt(alpha_bar) = {amplification:.3g} (above "
                 f"{FIRST_STEP_AMPLIFICATION_LIMIT:g}): the first step multiplies any eps error "
                 "by that factor and the samples may diverge. Remedies: "
-                "timestep_spacing='leading' (a first step below T - 1), a v-prediction "
-                "model (parameterization='v'), or clip_x0=True / (low, high) / a dynamic "
-                "threshold; 'trailing' spacing starts at T - 1 as well.",
+                "timestep_spacing='leading' (with num_steps < T it starts below T - 1), a "
+                "v-prediction model (parameterization='v'), or clip_x0=True / (low, high) / a "
+                "dynamic threshold; 'trailing' spacing starts at T - 1 as well.",
                 UserWarning,
                 stacklevel=3,
             )
