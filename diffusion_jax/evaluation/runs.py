@@ -40,13 +40,14 @@ def read_run_config(workdir: str, checkpoint_step: int | None = None) -> ml_coll
     """The config saved with a workdir's checkpoint, without reading any array.
 
     A tool checks a request against it (e.g. guidance needs a class-conditional model) before
-    restoring anything heavy. The checkpoint is chosen as :func:`restore_run` chooses it.
+    restoring anything heavy. The checkpoint is chosen as :func:`restore_run` chooses it; a
+    skipped damaged one is not logged here, since the restore that follows warns about it.
 
     Raises:
       FileNotFoundError: as :func:`checkpoint_dir`.
       diffusion_jax.train.checkpoint.CheckpointError: no readable checkpoint.
     """
-    saved = checkpoint_lib.read_config(checkpoint_dir(workdir), checkpoint_step)
+    saved = checkpoint_lib.read_config(checkpoint_dir(workdir), checkpoint_step, warn=False)
     if saved is None:
         raise checkpoint_lib.CheckpointError(
             f"The checkpoint of {workdir} was saved without its config."

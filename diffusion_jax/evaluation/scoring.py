@@ -172,9 +172,9 @@ def fid_from_workdir(
     checkpoint_dir(workdir)
     ref_mu, ref_sigma = fid.load_statistics(ref_stats_path)
     variables = load_inception_variables(inception_weights)
-    sampling.check_conditioning(
-        read_run_config(workdir, checkpoint_step), guidance=guidance, labels=None
-    )
+    saved_config = read_run_config(workdir, checkpoint_step)
+    sampling.check_conditioning(saved_config, guidance=guidance, labels=None)
+    sampling.resolve_steps(saved_config, steps)
 
     run = restore_run(workdir, which=which, checkpoint_step=checkpoint_step)
     config, info = run.config, run.info

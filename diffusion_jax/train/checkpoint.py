@@ -125,10 +125,10 @@ class Restored(NamedTuple):
 # ----------------------------------------------------------------------------- integrity
 
 
-def _read_item(items: Any, name: str, directory: str, step: int) -> Any:
-    """The checked value of JSON item ``name`` of a restored step (ValueError if corrupt)."""
-    where = f"the {name} item of {os.path.join(directory, str(step))}"
-    return read_json_item(items[name], where, mapping=name == _CONFIG)
+def _read_item(items: Any, name: str) -> Any:
+    """The checked value of JSON item ``name`` of a restored step (ValueError if corrupt; the
+    warning or error that reports it names the step's path)."""
+    return read_json_item(items[name], f"the {name} item", mapping=name == _CONFIG)
 
 
 _JSON_ITEMS = ocp.args.Composite(
@@ -136,18 +136,23 @@ _JSON_ITEMS = ocp.args.Composite(
 )
 
 
-def _read_config(manager: ocp.CheckpointManager, directory: str, step: int) -> dict | None:
+def _read_config(manager: ocp.CheckpointManager, step: int) -> dict | None:
     """A step's config, after checking both JSON items (a step is readable as a whole or not)."""
     items = manager.restore(step, args=_JSON_ITEMS)
-    _read_item(items, _DATA_STATE, directory, step)
-    return _read_item(items, _CONFIG, directory, step)
+    _read_item(items, _DATA_STATE)
+    return _read_item(items, _CONFIG)
 
 
 # ----------------------------------------------------------------------------- fallback
 
 
 def _first_good(
-    directory: str, steps: list[int], read: Callable[[int], _T], *, fall_back: bool
+    directory: str,
+    steps: list[int],
+    read: Callable[[int], _T],
+    *,
+    fall_back: bool,
+    warn: bool = True,
 ) -> tuple[int, _T, list[int]]:
     """Calls ``read(step)`` on ``steps`` (newest first) until one succeeds.
 
@@ -166,7 +171,7 @@ def _first_good(
             failures.append((step, error))
             continue
         # Warned only once a step is found: a request no step can satisfy gets one error.
-        for failed, error in failures:
+        for failed, error in failures if warn else []:
             cause = error.error if isinstance(error, _CallerFailure) else error
             first_line = (str(cause).strip().splitlines() or [""])[0][:300]
             logger.warning(
@@ -391,8 +396,8 @@ class CheckpointManager:
             restored = Restored(
                 s,
                 items[_STATE],
-                _read_item(items, _DATA_STATE, self.directory, s),
-                _read_item(items, _CONFIG, self.directory, s),
+                _read_item(items, _DATA_STATE),
+                _read_item(items, _CONFIG),
             )
             if check is not None:
                 check(restored)
@@ -437,7 +442,7 @@ class CheckpointManager:
         """
 
         def read(s: int) -> dict | None:
-            return _read_config(self._manager, self.directory, s)
+            return _read_config(self._manager, s)
 
         _, config, _ = _first_good(
             self.directory, self._candidates(step), read, fall_back=step is None
@@ -523,7 +528,7 @@ def restore_params_with_config(
         available = _available_steps(manager, directory, step)
 
         def read(s: int) -> Any:
-            saved_config = _read_config(manager, directory, s)
+            saved_config = _read_config(manager, s)
             try:
                 target = abstract_for(saved_config)
             except Exception as error:  # the caller's or the config's: see _CallerFailure
@@ -557,7 +562,7 @@ def restore_params_with_config(
         manager.close()
 
 
-def read_config(directory: str, step: int | None = None) -> dict | None:
+def read_config(directory: str, step: int | None = None, *, warn: bool = True) -> dict | None:
     """The config saved with a checkpoint, read without its arrays and without writing.
 
     The readers' counterpart of :meth:`CheckpointManager.read_config` (which opens the
@@ -568,6 +573,8 @@ def read_config(directory: str, step: int | None = None) -> dict | None:
       directory: a :class:`CheckpointManager` directory.
       step: the checkpoint's step; None for the newest one whose JSON items are intact (a
         damaged one is skipped with a warning).
+      warn: log the skipped steps; False when a restore of the same directory follows (it
+        skips them too, and warns).
 
     Returns:
       The config dict, or None if the checkpoint was saved without one.
@@ -582,7 +589,11 @@ def read_config(directory: str, step: int | None = None) -> dict | None:
         available = _available_steps(manager, directory, step)
         steps = [int(step)] if step is not None else available
         _, config, _ = _first_good(
-            directory, steps, lambda s: _read_config(manager, directory, s), fall_back=step is None
+            directory,
+            steps,
+            lambda s: _read_config(manager, s),
+            fall_back=step is None,
+            warn=warn,
         )
         return config
     finally:
