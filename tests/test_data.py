@@ -200,6 +200,22 @@ def test_state_of_another_stream_is_rejected(digits_dir):
         _iterator(digits_dir, seed=2).set_state(state)
 
 
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda state: ["not", "a", "state"], "Not an iterator state"),
+        (lambda state: {"position": 3}, "Not an iterator state"),
+        (lambda state: {**state, "grain": "garbage"}, "grain refused the saved iterator position"),
+    ],
+    ids=["list", "other_keys", "bad_grain_state"],
+)
+def test_a_damaged_state_is_a_value_error(digits_dir, edit, match):
+    """The trainer's restore treats a ValueError here as an unreadable checkpoint."""
+    iterator = _iterator(digits_dir, seed=1)
+    with pytest.raises(ValueError, match=match):
+        iterator.set_state(edit(iterator.get_state()))
+
+
 def test_state_works_with_grains_orbax_handler(digits_dir, tmp_path):
     from grain.checkpoint import CheckpointHandler
 

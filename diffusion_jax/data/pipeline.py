@@ -193,14 +193,30 @@ class BatchIterator(grain.DatasetIterator):
         return {"grain": self._parent.get_state(), "pipeline": self._pipeline}
 
     def set_state(self, state: dict[str, Any]) -> None:
-        """Restores a state from `get_state`, checking that it belongs to this stream."""
+        """Restores a state from `get_state`, checking that it belongs to this stream.
+
+        Raises:
+          ValueError: ``state`` is not of `get_state`'s form, belongs to another stream, or
+            grain refuses it.
+        """
+        if not isinstance(state, dict) or set(state) != {"grain", "pipeline"}:
+            shown = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(
+                f"Not an iterator state of this pipeline: expected the keys 'grain' and "
+                f"'pipeline', got {shown}."
+            )
         if state.get("pipeline") != self._pipeline:
             raise ValueError(
                 "This iterator state belongs to another input stream, so restoring it would "
                 f"not resume the same batches:\n  state:    {state.get('pipeline')}\n"
                 f"  iterator: {self._pipeline}\nCreate the iterator with the original settings."
             )
-        self._parent.set_state(state["grain"])
+        try:
+            self._parent.set_state(state["grain"])
+        except Exception as error:  # grain's own error names no file or step: say what it was
+            raise ValueError(
+                f"grain refused the saved iterator position ({type(error).__name__}: {error})."
+            ) from error
 
     def __str__(self) -> str:
         return f"BatchIterator({self._pipeline})"
