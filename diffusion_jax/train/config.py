@@ -8,6 +8,7 @@ invalid value, fails here before anything heavy starts, with an error naming the
 from __future__ import annotations
 
 import json
+import warnings
 from typing import Any
 
 import jax.numpy as jnp
@@ -34,6 +35,7 @@ __all__ = [
 # Fields that may change between a run and its resumption without changing what is trained.
 RUN_FIELDS = (
     "data.data_dir",
+    "diffusion.allow_prior_mismatch",
     "train.num_steps",
     "train.log_every",
     "train.checkpoint_every",
@@ -132,6 +134,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             "config.model.class_conditional = True."
         )
     _option("diffusion.timestep_sampler", d.timestep_sampler, "timestep_sampler")
+    _check_schedule(config)
     _choice("model.name", m.name, ("unet", "mlp"))
     if not 0.0 <= m.dropout < 1.0:
         raise ValueError(f"config.model.dropout = {m.dropout} must lie in [0, 1).")
@@ -182,8 +185,42 @@ def validate_batch_split(config: ml_collections.ConfigDict, num_devices: int) ->
 
 
 def build_schedule(config: ml_collections.ConfigDict) -> schedules.Schedule:
-    """The noise schedule of ``config.diffusion``."""
-    return schedules.get_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
+    """The noise schedule of ``config.diffusion``.
+
+    A config saved before ``scale_to_num_timesteps`` and ``zero_terminal_snr`` existed was
+    trained with the literal beta range and no rescaling, so a missing field means False.
+    """
+    d = config.diffusion
+    return schedules.get_schedule(
+        d.schedule,
+        d.num_timesteps,
+        scale_to_num_timesteps=bool(d.get("scale_to_num_timesteps", False)),
+        zero_terminal_snr=bool(d.get("zero_terminal_snr", False)),
+    )
+
+
+def _check_schedule(config: ml_collections.ConfigDict) -> None:
+    """The schedule reaches noise (or the config allows it) and suits the parameterisation."""
+    d = config.diffusion
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the refusal below says more than get_schedule's warning
+        schedule = build_schedule(config)
+    try:
+        schedules.check_parameterization(schedule, d.parameterization)
+    except ValueError as error:
+        raise ValueError(
+            f"config.diffusion.zero_terminal_snr = True needs config.diffusion.parameterization "
+            f"'v' or 'x0', got {d.parameterization!r}: {error}"
+        ) from None
+    if not d.allow_prior_mismatch:
+        try:
+            schedules.check_prior(schedule)
+        except ValueError as error:
+            raise ValueError(
+                f"config.diffusion ({d.schedule!r}, num_timesteps = {d.num_timesteps}, "
+                f"scale_to_num_timesteps = {d.scale_to_num_timesteps}): {error} Or set "
+                "config.diffusion.allow_prior_mismatch = True to train anyway."
+            ) from None
 
 
 def build_model(config: ml_collections.ConfigDict, data_shape: tuple, num_classes: int | None):

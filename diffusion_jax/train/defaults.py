@@ -26,6 +26,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.diffusion = diffusion = ml_collections.ConfigDict()
     diffusion.schedule = "cosine"  # linear | quadratic | sigmoid | cosine
     diffusion.num_timesteps = 1000  # T
+    # linear/quadratic/sigmoid betas times 1000/T, so any T reaches noise (improved-diffusion);
+    # False keeps the literal range (to reproduce a paper or a diffusers config at T != 1000)
+    diffusion.scale_to_num_timesteps = True
+    diffusion.zero_terminal_snr = False  # rescale to alpha_bar_T = 0 (needs v or x0 prediction)
+    # train even when the forward process does not reach noise (prior term L_T above
+    # schedules.PRIOR_BPD_LIMIT bits/dim at unit data scale); sampling from N(0, I) is then off
+    diffusion.allow_prior_mismatch = False
     diffusion.parameterization = "eps"  # what the network predicts: eps | x0 | v
     diffusion.variance = "fixed_small"  # fixed_small | fixed_large | learned_range
     diffusion.loss_type = "simple"  # simple | hybrid | vlb
