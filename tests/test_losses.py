@@ -74,8 +74,18 @@ BITS_ATOL = 1e-6
 
 @functools.cache
 def schedule_pair(name: str, num_timesteps: int):
-    """(the package's Schedule, the reference tables)."""
-    return schedules.get_schedule(name, num_timesteps), ref.schedule_tables(name, num_timesteps)
+    """(the package's Schedule, the reference tables).
+
+    The DDPM-family schedules scale their beta range by 1000 / T (improved-diffusion's
+    ``get_named_beta_schedule``), capped at 0.999 when that raises it; so do these references.
+    """
+    if name == "cosine":
+        betas = ref.BETAS[name](num_timesteps)
+    else:
+        scale = 1000.0 / num_timesteps
+        betas = ref.BETAS[name](num_timesteps, beta_start=1e-4 * scale, beta_end=0.02 * scale)
+        betas = np.minimum(betas, 0.999) if scale > 1.0 else betas
+    return schedules.get_schedule(name, num_timesteps), ref.tables(betas)
 
 
 def binary_data(rng, shape):
