@@ -54,6 +54,7 @@ DECODER_NOTES = {
     ),
 }
 UNITS = {"discretized": "bits/dim", "gaussian": "nats/dim"}
+LN2 = math.log(2.0)  # nats per bit
 SUFFIX = {"bits/dim": "bpd", "nats/dim": "nats"}
 
 
@@ -205,10 +206,11 @@ def nll_of_source(
         prior_sum += prior.sum()
         terms_sum += terms.sum(axis=0)
         totals.append(prior + terms.sum(axis=1))
-        bar.set_postfix(total=f"{np.mean(np.concatenate(totals)):.4f} bits/dim")
+        running = np.mean(np.concatenate(totals)) * (1.0 if decoder == "discretized" else LN2)
+        bar.set_postfix(total=f"{running:.4f} {UNITS[decoder]}")
     bar.close()
     # nll_bpd works in bits; continuous data report nats (float64 on the host).
-    scale = 1.0 if decoder == "discretized" else math.log(2.0)
+    scale = 1.0 if decoder == "discretized" else LN2
     totals = np.concatenate(totals) * scale
     terms_mean = terms_sum / num * scale
     decoder_term, transitions = terms_mean[0], terms_mean[1:].sum()
