@@ -1,8 +1,8 @@
 """Checkpoints: the only module that talks to orbax.
 
-It stays one module (about 470 lines, over the house's ~400) because keeping every orbax call
-in one place is the point: saving, restoring, the fallback past unreadable steps and the
-quarantine of corrupt ones share the orbax manager set-up and its item layout. The JSON and
+It stays one module (about 600 lines, over the house's ~400) because keeping every orbax call
+in one place is the point: saving, restoring, the readers, the fallback past unreadable steps
+and the quarantine of corrupt ones share the orbax manager set-up and its item layout. The JSON and
 digest encoding is in :mod:`diffusion_jax.train.checkpoint_codec`.
 
 A checkpoint is one orbax step directory ``<directory>/<step>/`` with three items:
