@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax.scipy.special import log_ndtr, ndtr
 
 from diffusion_jax import diffusion, options
-from diffusion_jax.schedules import Schedule
+from diffusion_jax.schedules import Schedule, check_parameterization
 
 __all__ = [
     "DECODERS",
@@ -296,6 +296,8 @@ def training_loss(
       >>> _, eps_metrics = training_loss(eps_fn, p, schedule, x0, None, t=t, noise=noise)
     """
     options.check("loss_type", loss_type)
+    # The flag is static (pytree aux data), so this host check also works under jit.
+    check_parameterization(schedule, parameterization)
     if loss_type == "hybrid" and variance != "learned_range":
         raise ValueError(
             "loss_type='hybrid' trains the variance and needs variance='learned_range', "

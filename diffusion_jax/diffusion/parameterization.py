@@ -67,8 +67,10 @@ def predict_eps_from_x0(
     check_timesteps(x_t, t, "x_t")
     check_same_shape(x_t, x0, "x_t and x0")
     nd = jnp.ndim(x_t)
-    return (extract(schedule.sqrt_recip_alphas_cumprod, t, nd) * x_t - x0) / extract(
-        schedule.sqrt_recipm1_alphas_cumprod, t, nd
+    # (x_t - sqrt(abar) x0) / sqrt(1 - abar): finite where abar = 0 (zero terminal SNR), where
+    # the form with 1 / sqrt(abar) would give inf / inf.
+    return (x_t - extract(schedule.sqrt_alphas_cumprod, t, nd) * x0) / extract(
+        schedule.sqrt_one_minus_alphas_cumprod, t, nd
     )
 
 

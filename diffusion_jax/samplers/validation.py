@@ -31,7 +31,7 @@ from diffusion_jax import options
 from diffusion_jax.diffusion import ClipX0
 from diffusion_jax.samplers import guidance, registry
 from diffusion_jax.samplers.base import Method
-from diffusion_jax.schedules import Schedule
+from diffusion_jax.schedules import Schedule, check_parameterization
 from diffusion_jax.timesteps import check_num_steps, host_betas, timesteps_for
 
 __all__ = [
@@ -117,6 +117,7 @@ def make_options(
     if not isinstance(schedule, Schedule):
         raise ValueError(f"schedule must be a Schedule, got {type(schedule).__name__}.")
     host_betas(schedule)  # the plan runs on the host: a traced schedule is an error here
+    check_parameterization(schedule, parameterization)  # eps cannot start where abar_T = 0
     shape = tuple(shape)
     if len(shape) < 2 or not all(isinstance(d, int | np.integer) and d > 0 for d in shape):
         raise ValueError(f"shape must be [B, ...] with at least 2 positive ints, got {shape}.")
