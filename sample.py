@@ -40,6 +40,7 @@ FLAG_NAMES = {
     "labels": "--labels",
     "method": "--method",
     "num": "--num",
+    "out": "--out",
     "steps": "--steps",
 }
 

@@ -18,6 +18,7 @@ Example:
 
 from diffusion_jax import options
 from diffusion_jax.diffusion.forward import (
+    checked,
     extract,
     q_mean_variance,
     q_posterior_mean_variance,
@@ -47,6 +48,7 @@ __all__ = [
     "PARAMETERIZATIONS",
     "VARIANCES",
     "ClipX0",
+    "checked",
     "clip_pred_x0",
     "ddim_step",
     "dynamic_threshold",

@@ -2,7 +2,8 @@
 
 Command line (``python -m diffusion_jax.evaluation CMD``):
 
-- ``nll --workdir DIR [--split test]``: the variational bound in bits/dim, all T terms
+- ``nll --workdir DIR [--split test]``: the variational bound in bits/dim (nats/dim for 2-D
+  data), all T terms
   (:mod:`diffusion_jax.evaluation.likelihood`), printed and written as JSON into the workdir.
 - ``ref-stats --dataset NAME --out STATS.npz`` and ``fid --workdir DIR --ref STATS.npz``:
   Inception statistics and FID/IS (:mod:`diffusion_jax.evaluation.fid`; the Inception weights
@@ -153,7 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m diffusion_jax.evaluation")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    nll = sub.add_parser("nll", help="variational bound in bits/dim of a checkpoint")
+    nll = sub.add_parser(
+        "nll", help="variational bound of a checkpoint (bits/dim; nats/dim for 2-D data)"
+    )
     nll.add_argument("--workdir", required=True, help="the training run's directory")
     nll.add_argument("--split", default="test", help="dataset split to score")
     nll.add_argument("--num", type=int, default=None, help="first N examples (all)")

@@ -122,9 +122,12 @@ def restore_or_init(
         return state
     if not allow_config_change:
         check_config_unchanged(ckpt.read_config(), config_lib.config_to_dict(config), workdir)
-    restored = ckpt.restore(abstract_state.to_dict())
-    if restored.data_state is not None:
-        train_iter.set_state(restored.data_state)
+    # A data position the iterator refuses (even one saved before the JSON digests existed)
+    # makes that step unreadable, so the restore falls back to the one before it.
+    restored = ckpt.restore(
+        abstract_state.to_dict(),
+        check=lambda r: r.data_state is None or train_iter.set_state(r.data_state),
+    )
     if jax.process_index() == 0:
         metrics_lib.truncate_metrics(workdir, restored.step)
     logging.info("Resumed %s from step %d.", workdir, restored.step)
