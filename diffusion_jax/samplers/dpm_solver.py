@@ -51,8 +51,10 @@ def plan(schedule: Schedule, timesteps: np.ndarray) -> tuple[Schedule, dict[str,
     alphas_cumprod = np.append(np.cumprod(1.0 - betas), 1.0)  # index -1 -> abar = 1 (x0)
     alpha, sigma = np.sqrt(alphas_cumprod), np.sqrt(1.0 - alphas_cumprod)
     a_t, s_t, a_s, s_s = alpha[timesteps], sigma[timesteps], alpha[t_prev], sigma[t_prev]
-    exp_neg_h = (s_s / a_s) / (s_t / a_t)  # exp(-h), 0 at the final step (h = inf)
+    # exp(-h) is 0 at the final step (h = inf), and also at a first step where abar = 0 (zero
+    # terminal SNR: sigma / alpha = inf there).
     with np.errstate(divide="ignore"):
+        exp_neg_h = (s_s / a_s) / (s_t / a_t)
         h = -np.log(exp_neg_h)
     h_prev = np.append(np.inf, h[:-1])
     with np.errstate(invalid="ignore"):
