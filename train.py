@@ -22,6 +22,7 @@ import importlib.util
 import logging
 import os
 import sys
+import threading
 import traceback
 
 from absl import app, flags
@@ -36,6 +37,9 @@ flags.DEFINE_bool(
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
 flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
+flags.DEFINE_integer(
+    "distributed_timeout", 300, "Seconds to wait for every process to join (multi-process runs)."
+)
 flags.DEFINE_bool("verbose", False, "Print the traceback of a refused run too.")
 flags.mark_flags_as_required(["workdir"])
 
@@ -58,6 +62,37 @@ def _tracebacks_wanted(argv: list[str]) -> bool:
     ``DIFFUSION_JAX_TRACEBACK=1``."""
     verbose = any(arg in ("--verbose", "--verbose=true", "--verbose=True") for arg in argv)
     return verbose or os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
+
+
+def _watch_group_forming(seconds: int) -> threading.Event:
+    """Exits with one ``error:`` line (status 2) unless the returned event is set within
+    ``seconds``: a multi-process run whose peers never join would otherwise wait, then abort in
+    JAX's runtime with a C++ stack trace."""
+    joined = threading.Event()
+
+    def watch() -> None:
+        if not joined.wait(seconds):
+            if FLAGS.coordinator_address:
+                what = (
+                    f"process {FLAGS.process_id} of {FLAGS.num_processes} could not form the "
+                    f"group at {FLAGS.coordinator_address}"
+                )
+                fix = (
+                    "Start every process with the same --coordinator_address and "
+                    "--num_processes, and a --process_id of its own."
+                )
+            else:
+                what = "the processes of this cluster (found in the environment) did not all join"
+                fix = "Check that every process of the job started."
+            print(
+                f"error: {what} within {seconds} s (--distributed_timeout). {fix}",
+                file=sys.stderr,
+                flush=True,
+            )
+            os._exit(2)
+
+    threading.Thread(target=watch, daemon=True, name="distributed-watch").start()
+    return joined
 
 
 def _refuse(message: str, argv: list[str]) -> int:
@@ -142,9 +177,15 @@ def main(argv):
     from diffusion_jax import train
 
     try:
+        joined = _watch_group_forming(FLAGS.distributed_timeout)
         train.sharding.initialize_distributed(
-            FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
+            FLAGS.coordinator_address,
+            FLAGS.num_processes,
+            FLAGS.process_id,
+            # JAX aborts the process at its own timeout: ours fires first, with one line.
+            timeout_seconds=FLAGS.distributed_timeout + 30,
         )
+        joined.set()
         train.train_and_evaluate(
             FLAGS.config, FLAGS.workdir, allow_config_change=FLAGS.allow_config_change
         )

@@ -147,6 +147,7 @@ def initialize_distributed(
     num_processes: int | None = None,
     process_id: int | None = None,
     cpu_collectives: str | None = None,
+    timeout_seconds: int = 300,
 ) -> bool:
     """Starts ``jax.distributed`` when the run spans several processes.
 
@@ -154,6 +155,10 @@ def initialize_distributed(
     initialises with those; with none, it initialises only where the environment describes a
     cluster JAX can detect on its own (TPU pods, SLURM, ``JAX_COORDINATOR_ADDRESS``). On CPU,
     several processes exchange data over ``gloo`` collectives.
+
+    It logs what it waits for (the coordinator and the number of processes), so a missing peer
+    is not silent; JAX's runtime aborts the process if the group has not formed within
+    ``timeout_seconds``.
 
     Returns:
       Whether ``jax.distributed`` was initialised.
@@ -177,7 +182,11 @@ def initialize_distributed(
     # Only the CPU backend reads this; GPUs and TPUs keep their own collectives. Without it,
     # CPU processes cannot exchange data at all.
     jax.config.update("jax_cpu_collectives_implementation", cpu_collectives or "gloo")
-    jax.distributed.initialize(**kwargs)
+    where = coordinator_address or "the address the environment gives"
+    logging.info("jax.distributed: waiting for %s processes at %s.", num_processes or "all", where)
+    # On a timeout JAX's runtime aborts the process (it cannot be caught here): a CLI that
+    # wants one clear line watches the clock itself (train.py does).
+    jax.distributed.initialize(**kwargs, initialization_timeout=int(timeout_seconds))
     logging.info(
         "jax.distributed: process %d of %d, %d local / %d global devices",
         jax.process_index(),
