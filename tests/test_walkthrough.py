@@ -26,6 +26,7 @@ NUMBERS = (
     "transitions_bpd",
     "prior_bpd",
     "recognisable_fraction",
+    "ddpm_recognisable_fraction",
     "train_seconds",
     "nll_seconds",
     "sample_seconds",
@@ -55,7 +56,7 @@ def test_quick_walkthrough_writes_figures_and_table(tmp_path):
         for field in NUMBERS:
             assert math.isfinite(row[field]), (row["run"], field, row[field])
         assert row["train_steps"] == walkthrough.QUICK.train_steps
-        assert 0 <= row["classes_present"] <= 10
+        assert 0 <= row["classes_present"] <= 10 and 0 <= row["ddpm_classes_present"] <= 10
     for name in walkthrough.STORY_SCHEDULES:
         assert math.isfinite(results["chain_check"][name]["max_mean_diff"])
         assert math.isfinite(results["prior_bpd"][name])
