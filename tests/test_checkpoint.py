@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import shutil
+from unittest import mock
 
 import chex
 import jax
@@ -559,3 +560,33 @@ def test_readers_do_not_log_orbax_read_only_notice(tmp_path, caplog):
     with caplog.at_level(logging.INFO):
         restore_params(directory, None)
     assert "read only" not in caplog.text
+
+
+# --------------------------------------------------------------------------- failed writes
+
+
+@pytest.mark.parametrize("when", ["save", "wait"])
+def test_a_failed_write_says_the_saved_checkpoints_are_intact(tmp_path, when):
+    directory = str(tmp_path / "ckpt")
+    states = _save_steps(directory, [1])
+    full_disk = OSError(28, "No space left on device")
+    with CheckpointManager(directory) as manager:
+        manager.save(2, _state(2))  # the first save of a writer reopens its orbax manager
+        manager.wait_until_finished()
+        orbax_manager = manager._manager
+        if when == "save":
+            with mock.patch.object(orbax_manager, "save", side_effect=full_disk):
+                with pytest.raises(CheckpointError) as error:
+                    manager.save(3, _state(3))
+        else:
+            manager.save(3, _state(3))
+            with mock.patch.object(orbax_manager, "wait_until_finished", side_effect=full_disk):
+                with pytest.raises(CheckpointError) as error:
+                    manager.wait_until_finished()
+    message = str(error.value)
+    assert "No space left on device" in message and "intact" in message
+    assert "(steps [1, 2])" in message or "(steps [1, 2, 3])" in message
+    # The earlier checkpoint still restores, bit for bit.
+    with CheckpointManager(directory) as reader:
+        restored = reader.restore(_abstract(states[1], _one_device), step=1)
+    _assert_bitwise_equal(restored.state, states[1])

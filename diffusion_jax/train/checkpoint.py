@@ -337,7 +337,25 @@ class CheckpointManager:
             self._manager.close()
             self._manager = self._open(cleanup=True)
             self._cleaned_up = True
-        return bool(self._manager.save(int(step), args=args, force=force))
+        with self._save_errors(f"save checkpoint {step}"):
+            return bool(self._manager.save(int(step), args=args, force=force))
+
+    @contextlib.contextmanager
+    def _save_errors(self, what: str):
+        """Turns a failed write (a full disk, a lost mount) into one CheckpointError that says
+        the checkpoints already on disk are intact: orbax writes each into a temporary
+        directory and renames it into place only when complete."""
+        try:
+            yield
+        except Exception as error:
+            first_line = (str(error).strip().splitlines() or [""])[0][:300]
+            finished = self._manager.all_steps()
+            kept = f"steps {sorted(finished)}" if finished else "none yet"
+            raise CheckpointError(
+                f"Could not {what} in {self.directory} ({type(error).__name__}: {first_line}). "
+                f"The checkpoints already there are intact ({kept}); free space or fix the "
+                "directory, then run again to resume from the newest."
+            ) from error
 
     def all_steps(self) -> list[int]:
         """Returns: the steps of all finished checkpoints, ascending."""
@@ -450,13 +468,24 @@ class CheckpointManager:
         return config
 
     def wait_until_finished(self) -> None:
-        """Blocks until every pending asynchronous save is written (re-raising its errors)."""
-        self._manager.wait_until_finished()
+        """Blocks until every pending asynchronous save is written.
+
+        Raises:
+          CheckpointError: a pending save failed (the earlier checkpoints are intact).
+        """
+        with self._save_errors("finish writing a checkpoint"):
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
-        """Waits for pending saves and releases orbax's resources."""
-        self._manager.wait_until_finished()
-        self._manager.close()
+        """Waits for pending saves and releases orbax's resources.
+
+        Raises:
+          CheckpointError: a pending save failed (the earlier checkpoints are intact).
+        """
+        try:
+            self.wait_until_finished()
+        finally:
+            self._manager.close()
 
     def __enter__(self) -> CheckpointManager:
         return self
