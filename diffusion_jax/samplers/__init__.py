@@ -38,6 +38,7 @@ from diffusion_jax import options
 from diffusion_jax.diffusion import ClipX0
 from diffusion_jax.samplers import loop, registry
 from diffusion_jax.samplers.dpm_solver import MIN_STEP_RATIO
+from diffusion_jax.samplers.edm import EDMOptions
 from diffusion_jax.samplers.loop import Trajectory
 from diffusion_jax.samplers.noise import step_noise
 from diffusion_jax.samplers.validation import SamplerOptions, make_options
@@ -48,6 +49,7 @@ __all__ = [
     "METHODS",
     "MIN_STEP_RATIO",
     "SPACINGS",
+    "EDMOptions",
     "SamplerOptions",
     "Trajectory",
     "make_options",
@@ -81,6 +83,7 @@ def sample(
     return_trajectory: bool = False,
     trajectory_every: int | None = None,
     first_index: int | jax.Array = 0,
+    edm: EDMOptions | None = None,
 ) -> jax.Array | Trajectory:
     """Draws samples by running the reverse process from pure noise.
 
@@ -93,6 +96,11 @@ def sample(
       * ``dpm_solver++``: DPM-Solver++(2M) (Lu et al. 2022) on the discrete schedule, data
         prediction, ``lambda = log_snr / 2``; first and last steps are first order, the last
         lands on x0. Deterministic.
+      * ``heun`` and ``euler``: EDM's samplers (Karras et al. 2022, Algorithms 1 and 2) on its
+        rho-spaced sigma grid snapped to the model's timesteps (:mod:`.edm`), with the
+        settings of ``edm``. For these ``num_steps`` is the number of grid steps N: Heun makes
+        2N - 1 model evaluations (its last step, onto sigma = 0, is Euler), Euler N. A
+        trajectory has one frame per evaluation. Deterministic unless ``edm.S_churn > 0``.
 
     The model always receives original int32 timesteps in [0, T-1], shape ``[B]`` (``[2B]``
     with guidance). Every method ends on a noise-free x0.
@@ -129,6 +137,9 @@ def sample(
       first_index: the run-wide index of this batch's first example, so a run split into
         batches (or processes) draws exactly the samples of one big batch: draw batch ``j`` of
         size ``b`` with ``first_index = j * b``.
+      edm: an :class:`EDMOptions` (sigma range, rho, S_churn, S_tmin, S_tmax, S_noise) for
+        ``heun``/``euler``; ``None`` is ``EDMOptions()``, deterministic over the schedule's
+        whole sigma range. Other methods refuse it.
 
     Returns:
       float32 samples of ``shape``, or a :class:`Trajectory` with ``return_trajectory``.
@@ -169,9 +180,18 @@ def sample(
         return_trajectory=return_trajectory,
         trajectory_every=trajectory_every,
         first_index=first_index,
+        edm=edm,
     )
-    timesteps = timesteps_for(schedule.num_timesteps, sampler_options.num_steps, timestep_spacing)
-    step_schedule, tables = sampler_options.method.plan(schedule, timesteps)
+    x_T_scale = 1.0
+    if sampler_options.method.prepare is None:
+        timesteps = timesteps_for(
+            schedule.num_timesteps, sampler_options.num_steps, timestep_spacing
+        )
+        step_schedule, tables = sampler_options.method.plan(schedule, timesteps)
+    else:
+        timesteps, step_schedule, tables, x_T_scale = sampler_options.method.prepare(
+            schedule, sampler_options.num_steps, sampler_options.edm
+        )
     x, xs, pred_x0s = loop.run(
         model_fn,
         params,
@@ -185,6 +205,7 @@ def sample(
         guidance_scale=guidance_scale,
         eta=eta,
         first_index=first_index,
+        x_T_scale=x_T_scale,
     )
     every = sampler_options.trajectory_every
     if every is None:

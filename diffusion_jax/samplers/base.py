@@ -72,6 +72,13 @@ class Method(NamedTuple):
         ``x_T`` so the loop runs inside ``shard_map``); :func:`no_carry` for none.
       stochastic: ``stochastic(eta) -> bool``, whether the updates draw noise.
       takes_eta: whether ``eta`` applies to this method (others reject ``eta != 0``).
+      prepare: ``None`` for a method on :func:`~diffusion_jax.timesteps.timesteps_for`'s
+        timesteps; else ``prepare(schedule, num_steps, edm) -> (timesteps, step_schedule,
+        tables, x_T_scale)`` plans a method that picks its own timesteps (EDM's sigma grid,
+        :mod:`.edm`, whose settings ``edm`` are): int32 model timesteps, one per loop
+        iteration, the tables (a row each), and the factor applied to the standard normal
+        x_T. Its ``plan`` is then unused, ``timestep_spacing`` and ``eta`` do not apply, and
+        it draws noise iff ``edm.S_churn > 0``.
 
     Example:
       >>> jump = Method("x0_jump", plan=lambda s, t: (s, {}),
@@ -84,6 +91,7 @@ class Method(NamedTuple):
     init_carry: Callable[[jax.Array], Any] = no_carry
     stochastic: Callable[[float], bool] = never
     takes_eta: bool = False
+    prepare: Callable[..., tuple[np.ndarray, Schedule, dict[str, np.ndarray], float]] | None = None
 
 
 def per_example(value: jax.Array, x: jax.Array) -> jax.Array:

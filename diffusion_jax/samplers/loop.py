@@ -49,6 +49,7 @@ def run(
     guidance_scale: float | jax.Array | None,
     eta: float | jax.Array,
     first_index: int | jax.Array,
+    x_T_scale: float = 1.0,
 ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
     """Draws x_T and runs the compiled loop over a method's plan.
 
@@ -63,6 +64,8 @@ def run(
       model_kwargs, uncond_kwargs, guidance_scale, eta, first_index: as ``sample`` takes them,
         checked by :func:`~diffusion_jax.samplers.validation.make_options`
         (``uncond_kwargs=None``: no guidance).
+      x_T_scale: the factor on the standard normal x_T (a method's ``prepare``; EDM's runs
+        start at ``sigma_max`` noise).
 
     Returns:
       ``(samples, xs, pred_x0s)``; the snapshots are None without a trajectory.
@@ -73,9 +76,12 @@ def run(
       ...               first_index=0)
     """
     first_index = jnp.asarray(first_index, jnp.int32)
+    x_T = initial_noise(key, first_index, sampler_options.shape)
+    if x_T_scale != 1.0:
+        x_T = x_T * jnp.float32(x_T_scale)
     return _scan(
         params,
-        initial_noise(key, first_index, sampler_options.shape),
+        x_T,
         key,
         first_index,
         step_schedule,
@@ -153,7 +159,7 @@ def _scan(
     xs = pred_x0s = None
     if every is not None:
         # Carries derive from x_T (not jnp.zeros(shape)) so the loop also runs in shard_map.
-        num_frames = -(-opts.num_steps // every)
+        num_frames = -(-steps[0].shape[0] // every)  # one frame per every-th iteration
         xs = pred_x0s = jnp.broadcast_to(jnp.zeros_like(x_T), (num_frames + 1, *opts.shape))
     init = (x_T, opts.method.init_carry(x_T), xs, pred_x0s)
     (x, _, xs, pred_x0s), _ = jax.lax.scan(body, init, (steps, tables))

@@ -29,8 +29,10 @@ import numpy as np
 
 from diffusion_jax import options
 from diffusion_jax.diffusion import ClipX0
+from diffusion_jax.samplers import edm as edm_sampler
 from diffusion_jax.samplers import guidance, registry
 from diffusion_jax.samplers.base import Method
+from diffusion_jax.samplers.edm import EDMOptions
 from diffusion_jax.schedules import Schedule, check_parameterization
 from diffusion_jax.timesteps import check_num_steps, host_betas, timesteps_for
 
@@ -66,6 +68,7 @@ class SamplerOptions:
     clip_x0: ClipX0  # False, True, (low, high) or a callable
     stochastic: bool  # the updates draw noise
     trajectory_every: int | None  # snapshot every this many steps; None records nothing
+    edm: EDMOptions | None = None  # EDM's settings for heun/euler; None for other methods
 
 
 def make_options(
@@ -86,6 +89,7 @@ def make_options(
     return_trajectory: bool,
     trajectory_every: int | None,
     first_index: int | jax.Array,
+    edm: EDMOptions | None = None,
 ) -> SamplerOptions:
     """Checks every argument of :func:`~diffusion_jax.samplers.sample` (the same names; see
     there) before anything compiles, and returns the static options.
@@ -93,7 +97,9 @@ def make_options(
     Returns:
       The :class:`SamplerOptions`; ``num_steps`` filled in (``None`` means T), ``clip_x0`` a
       tuple if given as a list, ``trajectory_every`` None without ``return_trajectory``,
-      ``stochastic`` True for a traced ``eta`` (see the module docstring).
+      ``stochastic`` True for a traced ``eta`` (see the module docstring); for EDM's methods
+      ``edm`` filled in (``None`` means the deterministic :class:`EDMOptions`) and
+      ``stochastic`` iff ``edm.S_churn > 0``.
 
     Warns:
       UserWarning: a deterministic run of an eps model without x0 clipping from a first
@@ -104,8 +110,10 @@ def make_options(
         outside [1, T]; a concrete ``eta`` outside [0, 1], a non-scalar ``eta``, or a
         non-zero or traced ``eta`` given to a method without it; guidance
         without ``uncond_kwargs`` (or the reverse) or with mismatched kwargs; a bad shape,
-        ``trajectory_every`` or ``first_index``; a schedule that is traced or not a
-        :class:`~diffusion_jax.schedules.Schedule`; an unhashable ``model_fn``.
+        ``trajectory_every`` or ``first_index``; ``edm`` given to a method other than
+        heun/euler, or a bad one (:func:`~diffusion_jax.samplers.edm.check`), or a
+        ``timestep_spacing`` other than the default with heun/euler; a schedule that is
+        traced or not a :class:`~diffusion_jax.schedules.Schedule`; an unhashable ``model_fn``.
 
     Example:
       >>> make_options(model_fn, schedule, (8, 4), method="ddim", num_steps=10, eta=0.0, ...)
@@ -141,6 +149,18 @@ def make_options(
         if eta != 0.0 and not sampler.takes_eta:
             raise ValueError(f"eta only applies to {with_eta}, got {eta=} with {method=}.")
         stochastic = sampler.stochastic(eta)
+    if sampler.prepare is None:
+        if edm is not None:
+            raise ValueError(f"edm only applies to EDM's methods (heun, euler), got {method=}.")
+    else:
+        edm = EDMOptions() if edm is None else edm
+        edm_sampler.check(schedule, edm)
+        if timestep_spacing != "linspace":
+            raise ValueError(
+                f"timestep_spacing does not apply to {method=}, which steps on EDM's rho grid "
+                f"(set edm=EDMOptions(rho=...)); got {timestep_spacing=}."
+            )
+        stochastic = edm.S_churn > 0
     guidance.check_kwargs(model_kwargs, uncond_kwargs, guidance_scale, shape[0])
     if return_trajectory:
         if trajectory_every is None:
@@ -159,7 +179,10 @@ def make_options(
             "in a function defined once."
         ) from None
     if parameterization == "eps" and clip_x0 is False and not stochastic:
-        first = timesteps_for(num_timesteps, num_steps, timestep_spacing)[0]
+        if sampler.prepare is None:
+            first = timesteps_for(num_timesteps, num_steps, timestep_spacing)[0]
+        else:
+            first = edm_sampler.grid(schedule, num_steps, edm)[0]
         amplification = first_step_amplification(schedule, int(first))
         if amplification > FIRST_STEP_AMPLIFICATION_LIMIT:
             warnings.warn(
@@ -182,6 +205,7 @@ def make_options(
         clip_x0=tuple(clip_x0) if isinstance(clip_x0, list) else clip_x0,
         stochastic=stochastic,
         trajectory_every=trajectory_every if return_trajectory else None,
+        edm=edm,
     )
 
 
