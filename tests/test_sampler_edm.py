@@ -220,6 +220,25 @@ def test_guidance_clipping_trajectory_and_batch_invariance():
     chex.assert_trees_all_close(trajectory.xs[0], x_T * scale, atol=1e-6)
 
 
+def test_learned_variance_uses_the_mean_half_and_settings_do_not_recompile():
+    kwargs = dict(method="heun", num_steps=6, variance="learned_range")
+    expected = _guided(labelled_model(learned=True, pre_guided_scale=2.0), 16, None, **kwargs)
+    guided = _guided(labelled_model(learned=True), 16, 2.0, **kwargs)
+    chex.assert_trees_all_close(guided, expected, atol=2e-4, rtol=0)
+    traces = []
+
+    def model_fn(params, x_t, t):
+        traces.append(x_t.shape)
+        return exact_model(schedule="linear1000")(params, x_t, t)
+
+    for settings in (EDMOptions(), EDMOptions(rho=5.0), EDMOptions(sigma_min=0.05, sigma_max=80)):
+        samplers.sample(
+            model_fn, None, SCHEDULE, jax.random.key(0), (8, 4), method="heun", num_steps=10,
+            edm=settings,
+        )  # fmt: skip
+    assert len(traces) == 1, traces
+
+
 CHURN = EDMOptions(S_churn=40.0, S_tmin=0.05, S_tmax=50.0, S_noise=1.0)
 
 

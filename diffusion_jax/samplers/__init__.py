@@ -1,16 +1,19 @@
-"""Samplers: ancestral DDPM, DDIM and DPM-Solver++(2M), with respacing and classifier-free guidance.
+"""Samplers: ancestral DDPM, DDIM, DPM-Solver++(2M) and EDM's Heun/Euler, with respacing and
+classifier-free guidance.
 
 :func:`sample` validates its options into a frozen :class:`SamplerOptions`
 (:func:`make_options`), plans the run on the host (the timestep subsequence, then the chosen
 method's tables in float64 NumPy), and runs one compiled ``lax.scan`` with fixed-shape state.
 The loop compiles once per (method, shape, number of steps, static options): keys, params,
-``first_index``, ``guidance_scale``, ``eta``, the timestep spacing, the model's keyword arrays
-and the schedule's values are traced, so changing them never retraces.
+``first_index``, ``guidance_scale``, ``eta``, the timestep spacing, the model's keyword arrays,
+the schedule's values and EDM's settings (except whether ``S_churn > 0``) are traced or
+tabulated, so changing them never retraces.
 
 One module per method, behind one registry (:mod:`.registry`): :mod:`.ddpm`, :mod:`.ddim`,
-:mod:`.dpm_solver`, each a :class:`~.base.Method` (a host-side ``plan`` and a per-step
-``update``). The shared pieces: :mod:`.noise`, :mod:`.guidance` (the one batched model call),
-:mod:`.loop` (the compiled scan) and :mod:`.validation`.
+:mod:`.dpm_solver`, :mod:`.edm` (two methods on EDM's sigma grid, with a ``prepare``), each a
+:class:`~.base.Method` (a host-side ``plan`` and a per-step ``update``). The shared pieces:
+:mod:`.noise`, :mod:`.guidance` (the one batched model call), :mod:`.loop` (the compiled scan)
+and :mod:`.validation`.
 
 Randomness depends on (key, example index, step) only: example ``i`` of a batch drawn with
 ``first_index=f`` is example ``f + i`` of the whole run, and its noise at step ``s`` is
@@ -28,6 +31,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -199,7 +203,8 @@ def sample(
         step_schedule,
         timesteps,
         tables,
-        sampler_options,
+        # EDM's settings are in the plan's tables: the loop need not recompile when they change.
+        dataclasses.replace(sampler_options, edm=None),
         model_kwargs=model_kwargs,
         uncond_kwargs=uncond_kwargs,
         guidance_scale=guidance_scale,
