@@ -282,7 +282,6 @@ def _sample_defaults(**overrides):
     [
         (dict(method="ddim", edm=EDMOptions()), "edm only applies to EDM's methods"),
         (dict(method="heun", eta=0.5), "eta only applies to"),
-        (dict(method="heun", timestep_spacing="trailing"), "timestep_spacing does not apply"),
         (dict(method="heun", edm={"rho": 7}), "edm must be a samplers.EDMOptions"),
         (dict(method="heun", edm=EDMOptions(sigma_max=1e6)), "edm.sigma_max must lie within"),
         (dict(method="heun", edm=EDMOptions(sigma_min=5.0, sigma_max=1.0)), "sigma_min must be <="),

@@ -105,6 +105,7 @@ def sample(
         settings of ``edm``. For these ``num_steps`` is the number of grid steps N: Heun makes
         2N - 1 model evaluations (its last step, onto sigma = 0, is Euler), Euler N. A
         trajectory has one frame per evaluation. Deterministic unless ``edm.S_churn > 0``.
+        ``timestep_spacing`` does not apply to them (``edm.rho`` shapes their grid).
 
     The model always receives original int32 timesteps in [0, T-1], shape ``[B]`` (``[2B]``
     with guidance). Every method ends on a noise-free x0.

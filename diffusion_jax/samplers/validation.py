@@ -111,8 +111,7 @@ def make_options(
         non-zero or traced ``eta`` given to a method without it; guidance
         without ``uncond_kwargs`` (or the reverse) or with mismatched kwargs; a bad shape,
         ``trajectory_every`` or ``first_index``; ``edm`` given to a method other than
-        heun/euler, or a bad one (:func:`~diffusion_jax.samplers.edm.check`), or a
-        ``timestep_spacing`` other than the default with heun/euler; a schedule that is
+        heun/euler, or a bad one (:func:`~diffusion_jax.samplers.edm.check`); a schedule that is
         traced or not a :class:`~diffusion_jax.schedules.Schedule`; an unhashable ``model_fn``.
 
     Example:
@@ -155,11 +154,6 @@ def make_options(
     else:
         edm = EDMOptions() if edm is None else edm
         edm_sampler.check(schedule, edm)
-        if timestep_spacing != "linspace":
-            raise ValueError(
-                f"timestep_spacing does not apply to {method=}, which steps on EDM's rho grid "
-                f"(set edm=EDMOptions(rho=...)); got {timestep_spacing=}."
-            )
         stochastic = edm.S_churn > 0
     guidance.check_kwargs(model_kwargs, uncond_kwargs, guidance_scale, shape[0])
     if return_trajectory:
