@@ -20,7 +20,7 @@ flags.DEFINE_integer("checkpoint_step", None, "Checkpoint step (default: the lat
 flags.DEFINE_enum("params", "ema", ["ema", "raw"], "EMA or raw parameters.")
 flags.DEFINE_integer("num", 64, "Number of samples.")
 flags.DEFINE_integer("batch_size", None, "Samples per compiled call (default: min(num, 64)).")
-flags.DEFINE_string("method", "ddim", "ddpm | ddim | dpm_solver++")
+flags.DEFINE_string("method", "ddim", "ddpm | ddim | dpm_solver++ | heun | euler")
 flags.DEFINE_integer("steps", 50, "Sampler steps (model evaluations).")
 flags.DEFINE_float("eta", 0.0, "DDIM stochasticity in [0, 1].")
 flags.DEFINE_integer("seed", 0, "Samples are a function of (seed, sample index).")

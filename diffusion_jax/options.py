@@ -48,7 +48,7 @@ Variance = Literal["fixed_small", "fixed_large", "learned_range"]
 # The training objective: eps/x0/v MSE, MSE plus the bound for the variance, or the bound alone.
 LossType = Literal["simple", "hybrid", "vlb"]
 # The samplers of :mod:`diffusion_jax.samplers` (one module each behind its registry).
-SamplerMethod = Literal["ddpm", "ddim", "dpm_solver++"]
+SamplerMethod = Literal["ddpm", "ddim", "dpm_solver++", "heun", "euler"]
 # How a sampler picks its timestep subsequence (:func:`diffusion_jax.timesteps.timesteps_for`).
 Spacing = Literal["linspace", "leading", "trailing", "quadratic"]
 # The named noise schedules (:func:`diffusion_jax.schedules.get_schedule`).

@@ -369,7 +369,7 @@ def test_commands_report_missing_inputs(digits_workdir, tmp_path, monkeypatch, c
     ("kwargs", "argument", "message"),
     [
         ({"which": "best"}, "which", "^Unknown which 'best'"),
-        ({"method": "euler"}, "method", "^Unknown method 'euler'"),
+        ({"method": "lms"}, "method", "^Unknown method 'lms'"),
         ({"num": 1}, "num", "^num must be >= 2 for a covariance, got 1"),
         ({"steps": 101}, "steps", r"^steps must lie in \[1, 100\] \(T of this model\)"),
         ({"guidance": 2.0}, "guidance", "^guidance needs a class-conditional model"),

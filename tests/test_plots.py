@@ -147,7 +147,7 @@ def test_samples_figure_of_points(swissroll_workdir, tmp_path):
         ({"steps": 0}, "steps", r"^steps must lie in \[1, 100\]"),
         ({"frames": 0}, "frames", "^frames must be >= 1, got 0"),
         ({"num": 0}, "num", "^num must be >= 1, got 0"),
-        ({"method": "euler"}, "method", "^Unknown method 'euler'"),
+        ({"method": "lms"}, "method", "^Unknown method 'lms'"),
         ({"which": "best"}, "which", "^Unknown which 'best'"),
     ],
 )

@@ -112,7 +112,7 @@ def test_parse_labels_errors_name_the_argument(text, message):
 @pytest.mark.parametrize(
     ("kwargs", "argument", "message"),
     [
-        ({"method": "euler"}, "method", "Unknown method .euler.; expected one of"),
+        ({"method": "lms"}, "method", "Unknown method .lms.; expected one of"),
         ({"num": 0}, "num", "num must be >= 1, got 0"),
         ({"batch_size": -1}, "batch_size", "batch_size must be >= 1, got -1"),
         ({"steps": 51}, "steps", r"^steps must lie in \[1, 50\]"),

@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--ref", required=True, help="reference statistics .npz (ref-stats)")
     fid.add_argument("--num", type=int, default=50_000, help="number of samples")
     fid.add_argument("--batch_size", type=int, default=None, help="samples per sampler call")
-    fid.add_argument("--method", default="ddim", help="ddpm | ddim | dpm_solver++")
+    fid.add_argument("--method", default="ddim", help="ddpm | ddim | dpm_solver++ | heun | euler")
     fid.add_argument("--steps", type=int, default=50, help="sampler steps")
     fid.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity")
     fid.add_argument("--seed", type=int, default=0)

@@ -9,12 +9,12 @@ method at run time, e.g. in a test.
 from __future__ import annotations
 
 from diffusion_jax import options
-from diffusion_jax.samplers import ddim, ddpm, dpm_solver
+from diffusion_jax.samplers import ddim, ddpm, dpm_solver, edm
 from diffusion_jax.samplers.base import Method
 
 __all__ = ["BUILT_IN", "get", "methods", "names", "register", "unregister"]
 
-BUILT_IN: tuple[Method, ...] = (ddpm.METHOD, ddim.METHOD, dpm_solver.METHOD)
+BUILT_IN: tuple[Method, ...] = (ddpm.METHOD, ddim.METHOD, dpm_solver.METHOD, edm.HEUN, edm.EULER)
 
 _METHODS: dict[str, Method] = {}
 

@@ -85,7 +85,7 @@ def get_config() -> ml_collections.ConfigDict:
     train.max_nonfinite_steps = 20  # consecutive skipped non-finite updates before stopping
     train.init_from = ""  # workdir or checkpoint dir to take initial params from (fine-tuning)
     train.num_samples = 64  # images in each sample grid
-    train.sample_method = "ddim"  # ddpm | ddim | dpm_solver++ for the grids
+    train.sample_method = "ddim"  # ddpm | ddim | dpm_solver++ | heun | euler for the grids
     train.sample_steps = 50  # sampler steps for the grids
     train.progress_bar = True  # tqdm progress bar (log lines are written either way)
     return config
