@@ -95,14 +95,17 @@ class ArgumentError(ValueError):
       '--steps must lie in [1, 50], got 0.'
     """
 
-    def __init__(self, argument: str, template: str):
+    def __init__(self, argument: str, template: str, **values: object):
+        """``template`` names the argument ``{name}``; ``values`` fill its other fields as they
+        are (a path or a user's text with braces in it needs no escaping)."""
         self.argument = argument
         self.template = template
-        super().__init__(template.format(name=argument))
+        self.values = values
+        super().__init__(template.format(**values, name=argument))
 
     def for_flags(self, flags: Mapping[str, str]) -> str:
         """The message with the argument renamed by ``flags`` (argument name -> flag)."""
-        return self.template.format(name=flags.get(self.argument, self.argument))
+        return self.template.format(**self.values, name=flags.get(self.argument, self.argument))
 
 
 def check(name: str, value: object, *, label: str | None = None) -> str:
@@ -119,6 +122,10 @@ def check(name: str, value: object, *, label: str | None = None) -> str:
     """
     allowed = ALLOWED[name]
     if not isinstance(value, str) or value not in allowed:
-        detail = f"{value!r}; expected one of {allowed}.".replace("{", "{{").replace("}", "}}")
-        raise ArgumentError(label or name, "Unknown {name} " + detail)
+        raise ArgumentError(
+            label or name,
+            "Unknown {name} {value}; expected one of {allowed}.",
+            value=repr(value),
+            allowed=allowed,
+        )
     return value

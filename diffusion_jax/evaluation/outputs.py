@@ -15,8 +15,7 @@ __all__ = ["check_writable"]
 
 
 def _refuse(argument: str, path: str, reason: str) -> ArgumentError:
-    detail = f" {path}: {reason}".replace("{", "{{").replace("}", "}}")
-    return ArgumentError(argument, "{name}" + detail)
+    return ArgumentError(argument, "{name} {path}: {reason}", path=path, reason=reason)
 
 
 def check_writable(path: str, argument: str = "out", *, directory: bool = False) -> str:

@@ -139,9 +139,8 @@ def parse_labels(text: str | None, num: int, num_classes: int | None) -> np.ndar
     try:
         values = np.array([int(v) for v in text.split(",") if v.strip()], np.int32)
     except ValueError:
-        shown = repr(text).replace("{", "{{").replace("}", "}}")
         raise options.ArgumentError(
-            "labels", f"{{name}} must be comma-separated integers, got {shown}."
+            "labels", "{name} must be comma-separated integers, got {text}.", text=repr(text)
         ) from None
     if values.size == 0:
         raise options.ArgumentError("labels", "{name} is empty.")

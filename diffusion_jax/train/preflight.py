@@ -46,19 +46,20 @@ def check_workdir(workdir: str | os.PathLike) -> str:
             "e.g. {name}=workdirs/digits.",
         )
     path = os.path.abspath(text)
-    quoted = path.replace("{", "{{").replace("}", "}}")
     if os.path.exists(path) and not os.path.isdir(path):
         raise options.ArgumentError(
-            "workdir", "{name}=" + quoted + " is a file, not a directory; choose another path."
+            "workdir", "{name}={path} is a file, not a directory; choose another path.", path=path
         )
     try:
         os.makedirs(path, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as err:
-        reason = (err.strerror or str(err)).replace("{", "{{").replace("}", "}}")
         raise options.ArgumentError(
-            "workdir", "{name}=" + quoted + f" is not writable ({reason}); choose another path."
+            "workdir",
+            "{name}={path} is not writable ({reason}); choose another path.",
+            path=path,
+            reason=err.strerror or str(err),
         ) from err
     return path
 

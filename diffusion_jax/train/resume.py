@@ -49,14 +49,14 @@ def check_config_unchanged(
     old, new = config_lib.identity_dict(dict(saved)), config_lib.identity_dict(dict(config_dict))
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if changed:
-        detail = (
-            f"{workdir} was trained with a different config: {changed} differ (saved "
-            f"{[old.get(k) for k in changed]}, now {[new.get(k) for k in changed]})."
-        )
-        template = detail.replace("{", "{{").replace("}", "}}")
         raise options.ArgumentError(
             "allow_config_change",
-            template + " Pass {name}=True to resume anyway, or use a new workdir.",
+            "{workdir} was trained with a different config: {changed} differ (saved {saved}, "
+            "now {now}). Pass {name}=True to resume anyway, or use a new workdir.",
+            workdir=workdir,
+            changed=changed,
+            saved=[old.get(k) for k in changed],
+            now=[new.get(k) for k in changed],
         )
 
 
