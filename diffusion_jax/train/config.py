@@ -8,6 +8,7 @@ invalid value, fails here before anything heavy starts, with an error naming the
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from typing import Any
 
@@ -89,11 +90,45 @@ def _option(name: str, value: Any, option: str) -> None:
     _choice(name, value, options.ALLOWED[option])
 
 
-def _positive(name: str, value: Any, *, allow_zero: bool = False) -> None:
-    ok = value >= 0 if allow_zero else value > 0
-    if isinstance(value, bool) or not isinstance(value, int | float) or not ok:
+def _positive(name: str, value: Any, *, allow_zero: bool = False, finite: bool = False) -> None:
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    ok = number and (value >= 0 if allow_zero else value > 0)
+    if not ok or (finite and not math.isfinite(value)):
         bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"config.{name} = {value!r} is not valid; it must be a number {bound}.")
+        kind = "a finite number" if finite else "a number"
+        raise ValueError(f"config.{name} = {value!r} is not valid; it must be {kind} {bound}.")
+
+
+def _positive_ints(name: str, values: Any, *, allow_empty: bool = False) -> tuple[int, ...]:
+    ok = isinstance(values, tuple | list) and (allow_empty or len(values) > 0)
+    ok = ok and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values)
+    if not ok:
+        empty = "." if allow_empty else ", not empty."
+        raise ValueError(
+            f"config.{name} = {values!r} is not valid; it must be a tuple of positive "
+            f"integers{empty}"
+        )
+    return tuple(values)
+
+
+def _check_unet(m: ml_collections.ConfigDict) -> None:
+    """The U-Net's own consistency: its levels, attention resolutions, groups and heads."""
+    ch_mult = _positive_ints("model.ch_mult", m.ch_mult)
+    _positive_ints("model.attn_resolutions", m.attn_resolutions, allow_empty=True)
+    channels = sorted({m.ch} | {m.ch * k for k in ch_mult})
+    bad = [c for c in channels if c % m.num_groups]
+    if bad:
+        raise ValueError(
+            f"config.model.num_groups = {m.num_groups!r} is not valid; GroupNorm needs it to "
+            f"divide every channel count {channels} (model.ch = {m.ch} times model.ch_mult = "
+            f"{ch_mult}); {bad} are not divisible."
+        )
+    bad = [m.ch * k for k in ch_mult if (m.ch * k) % m.num_heads]
+    if bad:
+        raise ValueError(
+            f"config.model.num_heads = {m.num_heads!r} is not valid; it must divide the "
+            f"channel counts {bad}."
+        )
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -138,12 +173,22 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _choice("model.name", m.name, ("unet", "mlp"))
     if not 0.0 <= m.dropout < 1.0:
         raise ValueError(f"config.model.dropout = {m.dropout} must lie in [0, 1).")
+    if m.name == "unet":
+        _check_unet(m)
     _choice("optim.optimizer", o.optimizer, ("adam", "adamw"))
-    _positive("optim.lr", o.lr)
-    _positive("optim.weight_decay", o.weight_decay, allow_zero=True)
+    for name in ("b1", "b2"):
+        value = o[name]
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
+            raise ValueError(
+                f"config.optim.{name} = {value!r} is not valid; Adam's decay rates must lie in "
+                "[0, 1)."
+            )
+    _positive("optim.eps", o.eps, finite=True)
+    _positive("optim.lr", o.lr, finite=True)
+    _positive("optim.weight_decay", o.weight_decay, allow_zero=True, finite=True)
     _positive("optim.warmup_steps", o.warmup_steps, allow_zero=True)
     _choice("optim.lr_schedule", o.lr_schedule, ("constant", "cosine"))
-    _positive("optim.grad_clip", o.grad_clip, allow_zero=True)
+    _positive("optim.grad_clip", o.grad_clip, allow_zero=True, finite=True)
     _positive("optim.accumulate_steps", o.accumulate_steps)
     if not 0.0 <= o.ema_decay < 1.0:
         raise ValueError(f"config.optim.ema_decay = {o.ema_decay} must lie in [0, 1).")

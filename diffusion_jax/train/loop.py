@@ -88,7 +88,6 @@ def train_and_evaluate(
       Preempted: SIGTERM or SIGINT stopped the run after its checkpoint was saved.
     """
     config_lib.validate_config(config)
-    preflight.check_config(config)
     workdir = preflight.check_workdir(workdir)
     info, data_shape = preflight.check_data(config)
     with lock_lib.WorkdirLock(workdir):  # taken by process 0, followed by all

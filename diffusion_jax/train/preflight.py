@@ -1,9 +1,10 @@
 """Checks run before the first step: anything knowable at step 0 fails at step 0.
 
-:func:`diffusion_jax.train.config.validate_config` checks each field alone. What it cannot see
-is checked here, before anything heavy starts: the workdir (given, a directory, writable), the
-optimiser's hyperparameters, how the model's levels and attention resolutions fit the data, and
-that the training and held-out splits exist and hold a batch. A check that runs later (the first
+:func:`diffusion_jax.train.config.validate_config` checks the config itself (every field, the
+optimiser's hyperparameters, the U-Net's own consistency). What it cannot see is checked here,
+before anything heavy starts: the workdir (given, a directory, writable), how the model's levels
+and attention resolutions fit the data, and that the training and held-out splits exist and hold
+a batch. A check that runs later (the first
 evaluation, the first sample grid) would otherwise fail after N steps, for a reason that was
 known before the first one.
 
@@ -14,13 +15,11 @@ is not held out. The message offers both ways out (``data.eval_split=train`` kno
 
 Example:
   >>> workdir = check_workdir(workdir)  # absolute, created, writable
-  >>> check_config(config)
   >>> info, data_shape = check_data(config)
 """
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 
@@ -28,7 +27,7 @@ import ml_collections
 
 from diffusion_jax import data, options
 
-__all__ = ["check_config", "check_data", "check_workdir"]
+__all__ = ["check_data", "check_workdir"]
 
 
 def check_workdir(workdir: str | os.PathLike) -> str:
@@ -66,56 +65,6 @@ def check_workdir(workdir: str | os.PathLike) -> str:
 
 def _fail(field: str, value: object, requirement: str) -> None:
     raise ValueError(f"config.{field} = {value!r} is not valid; {requirement}")
-
-
-def _finite(field: str, value: float, *, positive: bool = False) -> None:
-    number = isinstance(value, int | float) and not isinstance(value, bool)
-    if not number or not math.isfinite(value) or (positive and value <= 0) or value < 0:
-        _fail(field, value, "it must be a finite number " + ("> 0." if positive else ">= 0."))
-
-
-def _positive_ints(field: str, values: object, *, allow_empty: bool = False) -> tuple[int, ...]:
-    ok = isinstance(values, tuple | list) and (allow_empty or len(values) > 0)
-    ok = ok and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values)
-    if not ok:
-        _fail(field, values, "it must be a tuple of positive integers" + (
-            "." if allow_empty else ", not empty."))  # fmt: skip
-    return tuple(values)
-
-
-def check_config(config: ml_collections.ConfigDict) -> None:
-    """Checks what :func:`~diffusion_jax.train.config.validate_config` does not: optimiser
-    hyperparameters (Adam's b1, b2 in [0, 1), eps > 0, finite learning rate, decay and clip) and
-    the model's own consistency (levels, attention resolutions, GroupNorm groups and heads).
-
-    Raises:
-      ValueError: naming the field, its value and what is allowed.
-    """
-    o, m = config.optim, config.model
-    for name in ("b1", "b2"):
-        value = o[name]
-        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
-            _fail(f"optim.{name}", value, "Adam's decay rates must lie in [0, 1).")
-    _finite("optim.eps", o.eps, positive=True)
-    _finite("optim.lr", o.lr, positive=True)
-    _finite("optim.weight_decay", o.weight_decay)
-    _finite("optim.grad_clip", o.grad_clip)
-    if m.name != "unet":
-        return
-    ch_mult = _positive_ints("model.ch_mult", m.ch_mult)
-    _positive_ints("model.attn_resolutions", m.attn_resolutions, allow_empty=True)
-    channels = sorted({m.ch} | {m.ch * k for k in ch_mult})
-    bad = [c for c in channels if c % m.num_groups]
-    if bad:
-        _fail(
-            "model.num_groups",
-            m.num_groups,
-            f"GroupNorm needs it to divide every channel count {channels} (model.ch = {m.ch} "
-            f"times model.ch_mult = {ch_mult}); {bad} are not divisible.",
-        )
-    bad = [m.ch * k for k in ch_mult if (m.ch * k) % m.num_heads]
-    if bad:
-        _fail("model.num_heads", m.num_heads, f"it must divide the channel counts {bad}.")
 
 
 def _split_name(split: str) -> str:
