@@ -16,16 +16,9 @@ from diffusion_jax.evaluation.runs import restore_run
 from diffusion_jax.evaluation.sampling import check_method, generate_from_run, resolve_steps
 from diffusion_jax.plots import image_grid, plot_points, pyplot, save_figure
 from diffusion_jax.train import metrics, sharding
-from diffusion_jax.train.generate import to_uint8
+from diffusion_jax.train.generate import cycled_labels, to_uint8
 
 __all__ = ["plot_loss", "plot_samples", "plot_trajectory"]
-
-
-def _run_labels(run, num: int) -> np.ndarray | None:
-    """Labels 0, 1, 2, ... for a class-conditional model, else None."""
-    if run.config.model.class_conditional and run.info.num_classes:
-        return np.arange(num, dtype=np.int32) % run.info.num_classes
-    return None
 
 
 def _upscale(images: np.ndarray, min_side: int) -> np.ndarray:
@@ -86,7 +79,7 @@ def plot_trajectory(
     num = (8 if is_image else 1000) if num is None else num
     if num < 1:
         raise options.ArgumentError("num", f"{{name}} must be >= 1, got {num}.")
-    labels = _run_labels(run, num)
+    labels = cycled_labels(run.config, run.info, num)
     d = run.config.diffusion
     trajectory = samplers.sample(
         run.model_fn,
@@ -301,7 +294,7 @@ def plot_samples(
         seed=seed,
         method=method,
         num_steps=steps,
-        labels=_run_labels(run, num),
+        labels=cycled_labels(run.config, run.info, num),
         progress=False,
     )
     title = (

@@ -20,7 +20,7 @@ from diffusion_jax import options, plots
 from diffusion_jax.data import toy
 from diffusion_jax.evaluation.outputs import check_writable
 from diffusion_jax.evaluation.runs import Run, checkpoint_dir, read_run_config, restore_run
-from diffusion_jax.train.generate import generate, to_uint8
+from diffusion_jax.train.generate import cycled_labels, generate, to_uint8
 
 __all__ = [
     "check_conditioning",
@@ -221,8 +221,8 @@ def sample_from_workdir(
     is_image = info.kind == "image"
     conditional = bool(config.model.class_conditional)
     label_array = parse_labels(labels, num, info.num_classes if conditional else None)
-    if conditional and label_array is None:
-        label_array = np.arange(num, dtype=np.int32) % info.num_classes
+    if label_array is None:
+        label_array = cycled_labels(config, info, num)
     samples = generate_from_run(
         run,
         num=num,

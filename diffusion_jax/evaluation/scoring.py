@@ -21,7 +21,7 @@ from diffusion_jax.evaluation import fid, sampling
 from diffusion_jax.evaluation.inception_weights import load_inception_variables
 from diffusion_jax.evaluation.outputs import check_writable
 from diffusion_jax.evaluation.runs import checkpoint_dir, read_run_config, restore_run
-from diffusion_jax.train.generate import to_uint8
+from diffusion_jax.train.generate import cycled_labels, to_uint8
 
 __all__ = ["fid_from_workdir", "ref_stats"]
 
@@ -181,8 +181,7 @@ def fid_from_workdir(
     steps = sampling.resolve_steps(run, steps)
     if info.kind != "image":
         raise ValueError(f"FID needs an image model; {config.data.name!r} is {info.kind} data.")
-    conditional = bool(config.model.class_conditional)
-    labels = np.arange(num, dtype=np.int32) % info.num_classes if conditional else None
+    labels = cycled_labels(config, info, num)
     start = time.time()
     samples = sampling.generate_from_run(
         run,

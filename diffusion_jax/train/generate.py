@@ -23,7 +23,21 @@ from diffusion_jax.data import toy
 from diffusion_jax.models import make_model_fn
 from diffusion_jax.train import sharding
 
-__all__ = ["generate", "to_uint8", "write_samples", "write_training_samples"]
+__all__ = [
+    "cycled_labels",
+    "generate",
+    "to_uint8",
+    "write_samples",
+    "write_training_samples",
+]
+
+
+def cycled_labels(config: ml_collections.ConfigDict, info, num: int) -> np.ndarray | None:
+    """Labels 0, 1, ..., C-1, 0, 1, ... for ``num`` samples of a class-conditional model (every
+    class in turn), or None for an unconditional one."""
+    if config.model.class_conditional and info.num_classes:
+        return np.arange(num, dtype=np.int32) % info.num_classes
+    return None
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -163,9 +177,7 @@ def write_training_samples(
     mesh = sharding.make_mesh() if mesh is None else mesh
     num = t.num_samples
     batch = -(-num // mesh.size) * mesh.size
-    labels = None
-    if config.model.class_conditional and info.num_classes:
-        labels = np.arange(num, dtype=np.int32) % info.num_classes
+    labels = cycled_labels(config, info, num)
     samples = generate(
         config,
         model,
