@@ -18,6 +18,7 @@ import pytest
 from diffusion_jax import diffusion, losses, schedules
 from diffusion_jax.models import UNet, get_model, make_model_fn, timestep_embedding
 from diffusion_jax.models.layers import GroupNorm, avg_pool_2x, upsample_nearest_2x
+from diffusion_jax.models.unet import AttnBlock
 
 TINY = dict(
     ch=8,
@@ -403,3 +404,116 @@ def test_get_model():
     assert isinstance(model, UNet) and model.ch_mult == (1, 2) and model.dtype == jnp.bfloat16
     with pytest.raises(ValueError, match="unknown model"):
         get_model("transformer")
+
+
+# ---------------------------------------------------------------------------------- options
+# The options that let the U-Net run published networks (diffusion_jax.convert).
+
+
+@pytest.mark.parametrize("flip, shift", [(False, 1.0), (True, 0.0), (True, 1.0), (False, 0.5)])
+def test_timestep_embedding_flip_and_shift_match_float64_reference(flip, shift):
+    t = np.array([0.0, 1.0, 17.0, 999.0, 2.5])
+    dim = 12
+    half = dim // 2
+    freqs = np.exp(-np.log(10000.0) * np.arange(half) / (half - shift))
+    args = t[:, None] * freqs[None]
+    waves = [np.cos(args), np.sin(args)] if flip else [np.sin(args), np.cos(args)]
+    expected = np.concatenate(waves, axis=1)
+    got = timestep_embedding(
+        jnp.asarray(t, jnp.float32), dim, flip_sin_to_cos=flip, freq_shift=shift
+    )
+    # As above: float32 arguments up to 999 rad.
+    chex.assert_trees_all_close(got, expected, rtol=1e-7, atol=1e-4)
+
+
+def test_default_options_keep_the_parameter_tree():
+    # Old checkpoints must restore: no option adds, removes or reshapes a parameter.
+    x, t = inputs()
+    shapes = jax.eval_shape(UNet(**TINY).init, jax.random.key(0), x, t)
+    for options in (
+        {"norm_eps": 1e-5, "downsample_padding": "symmetric", "flip_sin_to_cos": True},
+        {"freq_shift": 0.0, "head_dim": 4, "timestep_scale": 0.25},
+    ):
+        other = jax.eval_shape(UNet(**TINY, **options).init, jax.random.key(0), x, t)
+        chex.assert_trees_all_equal_shapes_and_dtypes(other, shapes)
+    assert sorted(shapes["params"]) == sorted(
+        ["temb_dense0", "temb_dense1", "conv_in", "down0_block0", "down0_downsample"]
+        + ["down1_block0", "down1_attn0", "mid_block0", "mid_attn", "mid_block1"]
+        + [f"up{level}_block{block}" for level in (0, 1) for block in (0, 1)]
+        + ["up1_attn0", "up1_attn1", "up1_upsample", "norm_out", "conv_out"]
+    )
+
+
+def conv3x3_stride2_reference(x, kernel, bias, pad):
+    """float64 3x3 stride-2 convolution of ``x`` [B, H, W, C] padded by hand, ``pad`` =
+    ((top, bottom), (left, right))."""
+    x = np.pad(np.asarray(x, np.float64), ((0, 0), *pad, (0, 0)))
+    kernel = np.asarray(kernel, np.float64)
+    rows, cols = (x.shape[1] - 3) // 2 + 1, (x.shape[2] - 3) // 2 + 1
+    out = np.zeros((x.shape[0], rows, cols, kernel.shape[-1]))
+    for i in range(rows):
+        for j in range(cols):
+            window = x[:, 2 * i : 2 * i + 3, 2 * j : 2 * j + 3, :]
+            out[:, i, j] = np.einsum("bhwc,hwco->bo", window, kernel)
+    return out + np.asarray(bias, np.float64)
+
+
+@pytest.mark.parametrize("padding, pad", [("same", (0, 1)), ("symmetric", (1, 1))])
+def test_downsample_padding_matches_hand_padded_conv(padding, pad):
+    model = UNet(**TINY, downsample_padding=padding)
+    x, t = inputs()
+    params = random_params(model, x, t)
+    _, state = jax.jit(lambda p: model.apply({"params": p}, x, t, capture_intermediates=True))(
+        params
+    )
+    features = state["intermediates"]
+    h = features["down0_block0"]["__call__"][0]  # the downsampling conv's input (no attention)
+    got = features["down0_downsample"]["__call__"][0]
+    conv = params["down0_downsample"]
+    expected = conv3x3_stride2_reference(h, conv["kernel"], conv["bias"], (pad, pad))
+    chex.assert_shape(got, (2, 4, 4, 8))
+    # float32 sums of 72 products of O(1) terms.
+    chex.assert_trees_all_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_heads, head_dim", [(1, None), (4, None), (7, 2), (1, 4)])
+def test_attention_heads_match_float64_reference(num_heads, head_dim):
+    channels = 8
+    block = AttnBlock(num_heads, num_groups=4, head_dim=head_dim, norm_eps=1e-5)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 3, 2, channels))
+    params = random_params(block, jnp.asarray(x, jnp.float32))
+    got = jax.jit(block.apply)({"params": params}, jnp.asarray(x, jnp.float32))
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    groups = x.reshape(2, 6, 4, 2)
+    mean = groups.mean(axis=(1, 3), keepdims=True)
+    var = groups.var(axis=(1, 3), keepdims=True)
+    normed = ((groups - mean) / np.sqrt(var + 1e-5)).reshape(2, 6, channels)
+    normed = normed * p["norm"]["scale"] + p["norm"]["bias"]
+    heads = channels // head_dim if head_dim else num_heads
+    width = channels // heads
+    q, k, v = ((normed @ p[n]["kernel"] + p[n]["bias"]).reshape(2, 6, heads, width) for n in "qkv")
+    logits = np.einsum("bqnd,bknd->bnqk", q, k) / np.sqrt(width)
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    h = np.einsum("bnqk,bknd->bqnd", weights, v).reshape(2, 6, channels)
+    expected = x + (h @ p["proj_out"]["kernel"] + p["proj_out"]["bias"]).reshape(x.shape)
+    chex.assert_trees_all_close(got, expected, rtol=1e-5, atol=1e-5)
+    if head_dim is not None:
+        with pytest.raises(ValueError, match="head_dim=3 must divide"):
+            jax.eval_shape(block.clone(head_dim=3).apply, {"params": params}, x)
+
+
+def test_norm_eps_and_timestep_scale():
+    x, t = inputs()
+    params = random_params(UNet(**TINY), x, t)
+    t_even = 2 * (t // 2)
+
+    def run(t, **options):
+        return jax.jit(UNet(**TINY, **options).apply)({"params": params}, x, t)
+
+    default = run(t_even)
+    assert not np.allclose(run(t_even, norm_eps=0.5), default, atol=1e-3)
+    # timestep_scale=0.5 at t is the default network at t / 2 (even t: exact in float32).
+    chex.assert_trees_all_close(run(t_even, timestep_scale=0.5), run(t_even // 2), rtol=1e-6)
+    assert not np.allclose(run(t_even, timestep_scale=0.5), default, atol=1e-3)

@@ -29,17 +29,30 @@ def require_dropout_key(module: nn.Module, train: bool, rate: float) -> None:
         )
 
 
-def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+def timestep_embedding(
+    t: jax.Array,
+    dim: int,
+    max_period: float = 10000.0,
+    *,
+    flip_sin_to_cos: bool = False,
+    freq_shift: float = 1.0,
+) -> jax.Array:
     """Sinusoidal embedding of (possibly fractional) timesteps, as in DDPM and the Transformer.
 
-    Frequencies are ``max_period ** (-i / (dim // 2 - 1))`` for ``i = 0 .. dim // 2 - 1``; the
-    first half of the output holds the sines, the second half the cosines (an odd ``dim`` gets
-    one trailing zero). Always computed in float32.
+    Frequencies are ``exp(-log(max_period) * i / (dim // 2 - freq_shift))`` for
+    ``i = 0 .. dim // 2 - 1``; the first half of the output holds the sines and the second the
+    cosines, or the other way round with ``flip_sin_to_cos`` (an odd ``dim`` gets one trailing
+    zero). DDPM uses ``freq_shift=1`` and sines first (the defaults); improved-diffusion
+    ``freq_shift=0`` and cosines first; diffusers names the two ``freq_shift`` and
+    ``flip_sin_to_cos``. Always computed in float32.
 
     Args:
       t: timesteps, shape ``[B]``, integer or float.
       dim: embedding width, at least 2.
       max_period: longest period of the sinusoids.
+      flip_sin_to_cos: put the cosines first.
+      freq_shift: subtracted from ``dim // 2`` in the frequencies' denominator (a
+        denominator that would not be positive is taken as 1).
 
     Returns:
       float32 array of shape ``[B, dim]``.
@@ -47,17 +60,22 @@ def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> j
     Example:
       >>> timestep_embedding(jnp.array([0, 999]), 128).shape
       (2, 128)
+      >>> timestep_embedding(jnp.array([0]), 4, flip_sin_to_cos=True, freq_shift=0.0)[0, 0]
+      Array(1., dtype=float32)
     """
     if dim < 2:
         raise ValueError(f"timestep embedding needs dim >= 2; got {dim=}")
     if t.ndim != 1:
         raise ValueError(f"timesteps must have shape [B]; got shape {t.shape}")
     half = dim // 2
-    # max(half - 1, 1) keeps dim in {2, 3} well defined (a single frequency of 1).
-    exponent = -math.log(max_period) / max(half - 1, 1)
-    freqs = jnp.exp(jnp.arange(half, dtype=jnp.float32) * exponent)
+    # A non-positive denominator (dim in {2, 3} with the default shift) means one frequency, 1.
+    denominator = half - freq_shift if half - freq_shift > 0 else 1.0
+    # The order of operations of diffusers' and improved-diffusion's float32 code, so that a
+    # converted network sees the same rounded frequencies.
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / denominator)
     args = t.astype(jnp.float32)[:, None] * freqs[None, :]
-    embedding = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+    waves = (jnp.cos(args), jnp.sin(args)) if flip_sin_to_cos else (jnp.sin(args), jnp.cos(args))
+    embedding = jnp.concatenate(waves, axis=-1)
     if dim % 2:
         embedding = jnp.pad(embedding, ((0, 0), (0, 1)))
     return embedding

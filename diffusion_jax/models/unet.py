@@ -12,12 +12,18 @@ Options from ADM: several attention heads, scale-shift (FiLM) time conditioning
 (``use_scale_shift_norm``), BigGAN-style residual up/downsampling (``resblock_updown``), and
 class conditioning with a null label for classifier-free guidance.
 
+Options for published networks (``diffusion_jax.convert``), none changing the parameter tree:
+GroupNorm epsilon (``norm_eps``), symmetric padding of the strided convolutions
+(``downsample_padding``), the timestep embedding's layout (``flip_sin_to_cos``,
+``freq_shift``) and input scale (``timestep_scale``), and heads of a fixed width (``head_dim``).
+
 Mixed precision: ``dtype`` is the compute dtype (e.g. ``jnp.bfloat16``); parameters stay
 float32; GroupNorm statistics, the attention logits and softmax run in float32, and the output
 is returned in float32.
 
-Details of the reference kept here: GroupNorm epsilon 1e-6; stride-2 convolutions pad "SAME"
-(one extra row/column at the bottom/right, as TensorFlow); variance-scaling (fan-average,
+Details of the reference kept here by default: GroupNorm epsilon 1e-6; stride-2 convolutions pad
+"SAME" (one extra row/column at the bottom/right, as TensorFlow); sines before cosines in the
+timestep embedding; variance-scaling (fan-average,
 uniform) initialisation, with the layers the reference scales by 0 (second conv of each
 ResNet block, attention output projection, output conv) starting at zero.
 
@@ -27,7 +33,7 @@ convolutions with XLA's own weight gradients, attention as two einsums with q pr
 """
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import flax.linen as nn
 import jax
@@ -56,12 +62,19 @@ def _dense(features: int, dtype: Dtype, name: str, zero: bool = False) -> nn.Den
     )
 
 
-def _conv(features: int, dtype: Dtype, name: str, zero: bool = False, strides: int = 1) -> nn.Conv:
+def _conv(
+    features: int,
+    dtype: Dtype,
+    name: str,
+    zero: bool = False,
+    strides: int = 1,
+    padding: str | tuple = "SAME",
+) -> nn.Conv:
     return nn.Conv(
         features,
         (3, 3),
         strides=(strides, strides),
-        padding="SAME",
+        padding=padding,
         dtype=dtype,
         param_dtype=jnp.float32,
         kernel_init=zero_init if zero else default_kernel_init,
@@ -69,9 +82,9 @@ def _conv(features: int, dtype: Dtype, name: str, zero: bool = False, strides: i
     )
 
 
-def _group_norm(num_groups: int, name: str) -> GroupNorm:
+def _group_norm(num_groups: int, name: str, epsilon: float = 1e-6) -> GroupNorm:
     # Statistics and output in float32 whatever the compute dtype; the next conv casts back.
-    return GroupNorm(num_groups=num_groups, epsilon=1e-6, name=name)
+    return GroupNorm(num_groups=num_groups, epsilon=epsilon, name=name)
 
 
 class ResBlock(nn.Module):
@@ -86,6 +99,7 @@ class ResBlock(nn.Module):
       resample: ``None``, ``"up"`` or ``"down"``: resample inside the block (BigGAN/ADM style,
         nearest upsampling or average pooling, applied to both paths).
       dtype: compute dtype.
+      norm_eps: GroupNorm epsilon.
     """
 
     out_ch: int
@@ -94,6 +108,7 @@ class ResBlock(nn.Module):
     use_scale_shift_norm: bool = False
     resample: str | None = None
     dtype: Dtype = jnp.float32
+    norm_eps: float = 1e-6
 
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array, train: bool) -> jax.Array:
@@ -108,7 +123,7 @@ class ResBlock(nn.Module):
           ``[B, H', W', out_ch]`` with ``H' = 2H``, ``H/2`` or ``H`` for up, down or no
           resampling.
         """
-        h = nn.silu(_group_norm(self.num_groups, "norm1")(x))
+        h = nn.silu(_group_norm(self.num_groups, "norm1", self.norm_eps)(x))
         if self.resample is not None:
             resample = upsample_nearest_2x if self.resample == "up" else avg_pool_2x
             h, x = resample(h), resample(x)
@@ -117,9 +132,9 @@ class ResBlock(nn.Module):
         emb = _dense(emb_ch, self.dtype, "temb_proj")(nn.silu(temb))[:, None, None, :]
         if self.use_scale_shift_norm:
             scale, shift = jnp.split(emb.astype(jnp.float32), 2, axis=-1)
-            h = _group_norm(self.num_groups, "norm2")(h) * (1 + scale) + shift
+            h = _group_norm(self.num_groups, "norm2", self.norm_eps)(h) * (1 + scale) + shift
         else:
-            h = _group_norm(self.num_groups, "norm2")(h + emb)
+            h = _group_norm(self.num_groups, "norm2", self.norm_eps)(h + emb)
         h = nn.silu(h)
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
         h = _conv(self.out_ch, self.dtype, "conv2", zero=True)(h)
@@ -132,17 +147,23 @@ class AttnBlock(nn.Module):
     """Multi-head self-attention over the pixels of a feature map, with a residual connection.
 
     With one head this is the DDPM attention block. The logits are accumulated and
-    soft-maxed in float32.
+    soft-maxed in float32. Head ``n`` sees channels ``n * head_dim .. (n + 1) * head_dim - 1``
+    of q, k and v (diffusers' and improved-diffusion's split).
 
     Attributes:
       num_heads: attention heads; must divide the channel count.
       num_groups: GroupNorm groups.
       dtype: compute dtype.
+      head_dim: channels per head; when set, ``channels // head_dim`` heads (``num_heads`` is
+        ignored) and it must divide the channel count.
+      norm_eps: GroupNorm epsilon.
     """
 
     num_heads: int = 1
     num_groups: int = 32
     dtype: Dtype = jnp.float32
+    head_dim: int | None = None
+    norm_eps: float = 1e-6
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -155,10 +176,19 @@ class AttnBlock(nn.Module):
           ``[B, H, W, C]``.
         """
         batch, height, width, channels = x.shape
-        head_dim = channels // self.num_heads
-        h = _group_norm(self.num_groups, "norm")(x).reshape(batch, height * width, channels)
+        if self.head_dim is not None:
+            if channels % self.head_dim:
+                raise ValueError(
+                    f"head_dim={self.head_dim} must divide the channel count of every attention "
+                    f"block; {channels} is not divisible by it"
+                )
+            num_heads, head_dim = channels // self.head_dim, self.head_dim
+        else:
+            num_heads, head_dim = self.num_heads, channels // self.num_heads
+        h = _group_norm(self.num_groups, "norm", self.norm_eps)(x)
+        h = h.reshape(batch, height * width, channels)
         q, k, v = (
-            _dense(channels, self.dtype, name)(h).reshape(batch, -1, self.num_heads, head_dim)
+            _dense(channels, self.dtype, name)(h).reshape(batch, -1, num_heads, head_dim)
             for name in ("q", "k", "v")
         )
         # Scaling q before the product is cheaper than scaling the [B, heads, HW, HW] logits.
@@ -198,6 +228,22 @@ class UNet(nn.Module):
       use_scale_shift_norm: FiLM time conditioning (ADM) instead of additive (DDPM).
       remat: rematerialise the ResNet blocks in the backward pass (saves memory, costs one
         more forward of each block).
+      norm_eps: the epsilon of every GroupNorm (DDPM 1e-6; improved-diffusion 1e-5; diffusers
+        ``norm_eps``).
+      downsample_padding: padding of the stride-2 downsampling convolutions: ``"same"``
+        (TensorFlow's: 0 rows/columns before, 1 after; DDPM, diffusers
+        ``downsample_padding=0``) or ``"symmetric"`` (1 on every side; improved-diffusion,
+        diffusers ``downsample_padding=1``).
+      flip_sin_to_cos: timestep embedding ``[cos, sin]`` instead of ``[sin, cos]``
+        (improved-diffusion: True; see :func:`~diffusion_jax.models.layers.timestep_embedding`).
+      freq_shift: the embedding's frequency shift (DDPM 1; improved-diffusion 0).
+      head_dim: channels per attention head; when set, every attention block has
+        ``channels // head_dim`` heads and ``num_heads`` is ignored (diffusers
+        ``attention_head_dim``).
+      timestep_scale: the embedding sees ``t * timestep_scale`` (improved-diffusion's
+        ``rescale_timesteps`` feeds ``t * 1000 / T``).
+
+    The last six default to the DDPM network; none of them changes the parameter tree.
 
     Example:
       >>> model = UNet(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
@@ -222,6 +268,12 @@ class UNet(nn.Module):
     resblock_updown: bool = False
     use_scale_shift_norm: bool = False
     remat: bool = False
+    norm_eps: float = 1e-6
+    downsample_padding: Literal["same", "symmetric"] = "same"
+    flip_sin_to_cos: bool = False
+    freq_shift: float = 1.0
+    head_dim: int | None = None
+    timestep_scale: float = 1.0
 
     def _check_config(self) -> None:
         channel_counts = sorted({self.ch} | {self.ch * m for m in self.ch_mult})
@@ -233,10 +285,16 @@ class UNet(nn.Module):
                 f"ch_mult={tuple(self.ch_mult)}) are not. Choose num_groups dividing {self.ch}."
             )
         bad = [self.ch * m for m in self.ch_mult if (self.ch * m) % self.num_heads]
-        if bad:
+        if bad and self.head_dim is None:
             raise ValueError(
                 f"num_heads={self.num_heads} must divide the channel counts; {bad} are not "
                 "divisible."
+            )
+        if self.head_dim is not None and self.head_dim < 1:
+            raise ValueError(f"head_dim must be a positive integer or None; got {self.head_dim=}")
+        if self.downsample_padding not in ("same", "symmetric"):
+            raise ValueError(
+                f"downsample_padding must be 'same' or 'symmetric'; got {self.downsample_padding=}"
             )
         if self.num_classes is not None and self.num_classes < 1:
             raise ValueError(f"num_classes must be positive or None; got {self.num_classes=}")
@@ -306,15 +364,27 @@ class UNet(nn.Module):
                 use_scale_shift_norm=self.use_scale_shift_norm,
                 resample=resample,
                 dtype=self.dtype,
+                norm_eps=self.norm_eps,
                 name=name,
             )
             return block(h, temb, train)
 
         def attn_block(h, name):
-            return AttnBlock(self.num_heads, self.num_groups, self.dtype, name=name)(h)
+            return AttnBlock(
+                self.num_heads,
+                self.num_groups,
+                self.dtype,
+                head_dim=self.head_dim,
+                norm_eps=self.norm_eps,
+                name=name,
+            )(h)
 
         temb_dim = 4 * self.ch
-        temb = timestep_embedding(t, self.ch)
+        if self.timestep_scale != 1.0:
+            t = t.astype(jnp.float32) * self.timestep_scale
+        temb = timestep_embedding(
+            t, self.ch, flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift
+        )
         temb = _dense(temb_dim, self.dtype, "temb_dense0")(temb)
         temb = _dense(temb_dim, self.dtype, "temb_dense1")(nn.silu(temb))
         if self.num_classes is not None:
@@ -337,7 +407,8 @@ class UNet(nn.Module):
                 if self.resblock_updown:
                     h = res_block(h, h.shape[-1], name, resample="down")
                 elif self.conv_resample:
-                    h = _conv(h.shape[-1], self.dtype, name, strides=2)(h)
+                    padding = "SAME" if self.downsample_padding == "same" else ((1, 1), (1, 1))
+                    h = _conv(h.shape[-1], self.dtype, name, strides=2, padding=padding)(h)
                 else:
                     h = avg_pool_2x(h)
                 skips.append(h)
@@ -363,6 +434,6 @@ class UNet(nn.Module):
                         h = _conv(h.shape[-1], self.dtype, name)(h)
         assert not skips, "every skip connection must be consumed"
 
-        h = nn.silu(_group_norm(self.num_groups, "norm_out")(h))
+        h = nn.silu(_group_norm(self.num_groups, "norm_out", self.norm_eps)(h))
         h = _conv(self.out_channels, self.dtype, "conv_out", zero=True)(h)
         return h.astype(jnp.float32)

@@ -17,6 +17,7 @@ import ml_collections
 import optax
 
 from diffusion_jax import models, options, schedules
+from diffusion_jax.models.preconditioned import Preconditioned
 from diffusion_jax.train import defaults
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "cpu_library_fusions",
     "default_config",
     "ema_decay",
+    "formulation",
     "identity_dict",
     "validate_batch_split",
     "validate_config",
@@ -75,9 +77,27 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+# Fields added after runs were saved without them, with the value that reproduces those runs:
+# a missing one compares equal to it when a run is resumed.
+FILLED_WHEN_MISSING = {
+    "diffusion.formulation": "ddpm",
+    "edm.sigma_data": 0.5,
+    "edm.P_mean": -1.2,
+    "edm.P_std": 1.2,
+}
+
+
 def identity_dict(config_dict: dict[str, Any]) -> dict[str, Any]:
-    """The flattened fields that define what a run trains (all but :data:`RUN_FIELDS`)."""
-    return {k: v for k, v in _flatten(config_dict).items() if k not in RUN_FIELDS}
+    """The flattened fields that define what a run trains (all but :data:`RUN_FIELDS`), with
+    :data:`FILLED_WHEN_MISSING` filled in."""
+    flat = dict(FILLED_WHEN_MISSING) | _flatten(config_dict)
+    return {k: v for k, v in flat.items() if k not in RUN_FIELDS}
+
+
+def formulation(config: ml_collections.ConfigDict) -> options.Formulation:
+    """``config.diffusion.formulation``: ``"ddpm"``, or ``"edm"`` for EDM's preconditioned
+    denoiser and loss (a config saved before the field existed is ``"ddpm"``)."""
+    return config.diffusion.get("formulation", "ddpm")
 
 
 def _choice(name: str, value: Any, allowed: tuple) -> None:
@@ -124,11 +144,23 @@ def _check_unet(m: ml_collections.ConfigDict) -> None:
             f"{ch_mult}); {bad} are not divisible."
         )
     bad = [m.ch * k for k in ch_mult if (m.ch * k) % m.num_heads]
-    if bad:
+    if bad and m.head_dim is None:
         raise ValueError(
             f"config.model.num_heads = {m.num_heads!r} is not valid; it must divide the "
             f"channel counts {bad}."
         )
+    if m.head_dim is not None and (
+        isinstance(m.head_dim, bool) or not isinstance(m.head_dim, int) or m.head_dim < 1
+    ):
+        raise ValueError(
+            f"config.model.head_dim = {m.head_dim!r} is not valid; it must be a positive "
+            "integer (channels per attention head) or None (use model.num_heads)."
+        )
+    _choice("model.downsample_padding", m.downsample_padding, ("same", "symmetric"))
+    _positive("model.norm_eps", m.norm_eps, finite=True)
+    _positive("model.timestep_scale", m.timestep_scale, finite=True)
+    if not isinstance(m.freq_shift, int | float) or not math.isfinite(m.freq_shift):
+        raise ValueError(f"config.model.freq_shift = {m.freq_shift!r} must be a finite number.")
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -169,6 +201,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             "config.model.class_conditional = True."
         )
     _option("diffusion.timestep_sampler", d.timestep_sampler, "timestep_sampler")
+    _option("diffusion.formulation", d.formulation, "formulation")
+    if d.formulation == "edm":
+        _check_edm(config)
     _check_schedule(config)
     _choice("model.name", m.name, ("unet", "mlp"))
     if not 0.0 <= m.dropout < 1.0:
@@ -268,10 +303,36 @@ def _check_schedule(config: ml_collections.ConfigDict) -> None:
             ) from None
 
 
+def _check_edm(config: ml_collections.ConfigDict) -> None:
+    """EDM's settings, and the DDPM options EDM's training fixes (one error naming the field)."""
+    d, e = config.diffusion, config.edm
+    _positive("edm.sigma_data", e.sigma_data, finite=True)
+    _positive("edm.P_std", e.P_std, finite=True)
+    if isinstance(e.P_mean, bool) or not isinstance(e.P_mean, int | float):
+        raise ValueError(f"config.edm.P_mean = {e.P_mean!r} is not valid; it must be a number.")
+    if not math.isfinite(e.P_mean):
+        raise ValueError(f"config.edm.P_mean = {e.P_mean!r} is not valid; it must be finite.")
+    why = "config.diffusion.formulation = 'edm' trains a denoiser of x0 with a fixed variance"
+    conflicts = (
+        ("parameterization", d.parameterization != "x0", "set it to 'x0' (what it predicts)"),
+        ("variance", d.variance == "learned_range", "use 'fixed_small' or 'fixed_large'"),
+        ("loss_type", d.loss_type != "simple", "use 'simple' (EDM's loss replaces it)"),
+        ("min_snr_gamma", d.min_snr_gamma != 0, "use 0 (EDM weights its loss itself)"),
+        ("timestep_sampler", d.timestep_sampler != "uniform", "use 'uniform' (unused by EDM)"),
+        ("zero_terminal_snr", bool(d.zero_terminal_snr), "use False (sigma = inf at t = T-1)"),
+    )
+    for name, conflict, fix in conflicts:
+        if conflict:
+            raise ValueError(f"config.diffusion.{name} = {d[name]!r} conflicts: {why}; {fix}.")
+
+
 def build_model(config: ml_collections.ConfigDict, data_shape: tuple, num_classes: int | None):
     """The denoiser of ``config.model`` for data of ``data_shape`` (``(H, W, C)`` or ``(D,)``).
 
-    The output has C (or D) channels, doubled for a learned variance.
+    The output has C (or D) channels, doubled for a learned variance. With
+    ``diffusion.formulation = "edm"`` the network is wrapped in EDM's preconditioning
+    (:class:`~diffusion_jax.models.preconditioned.Preconditioned`): called as usual it predicts
+    x0 at the schedule's timesteps, and its ``denoise`` method is what EDM's loss trains.
     """
     m = config.model
     channels = data_shape[-1]
@@ -302,8 +363,25 @@ def build_model(config: ml_collections.ConfigDict, data_shape: tuple, num_classe
             "resblock_updown": m.resblock_updown,
             "use_scale_shift_norm": m.use_scale_shift_norm,
             "remat": m.remat,
+            # Configs saved before these options existed describe the DDPM network.
+            "norm_eps": float(m.get("norm_eps", 1e-6)),
+            "downsample_padding": m.get("downsample_padding", "same"),
+            "flip_sin_to_cos": bool(m.get("flip_sin_to_cos", False)),
+            "freq_shift": float(m.get("freq_shift", 1.0)),
+            "head_dim": m.get("head_dim"),
+            "timestep_scale": float(m.get("timestep_scale", 1.0)),
         }
-    return models.get_model(m.name, dropout=m.dropout, num_classes=classes, dtype=dtype, **fields)
+    net = models.get_model(m.name, dropout=m.dropout, num_classes=classes, dtype=dtype, **fields)
+    if formulation(config) != "edm":
+        return net
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a prior mismatch is the config checks' business
+        alphas_cumprod = build_schedule(config).alphas_cumprod
+    return Preconditioned(
+        net,
+        alphas_cumprod=tuple(float(a) for a in alphas_cumprod),
+        sigma_data=float(config.edm.sigma_data),
+    )
 
 
 def build_optimizer(

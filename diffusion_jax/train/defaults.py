@@ -40,6 +40,14 @@ def get_config() -> ml_collections.ConfigDict:
     diffusion.clip_x0 = True  # clip predicted x0 to [-1, 1] when sampling (off for 2-D data)
     diffusion.p_uncond = 0.0  # label dropout to the null label (classifier-free guidance)
     diffusion.timestep_sampler = "uniform"  # uniform | loss_second_moment (for vlb training)
+    # ddpm | edm: EDM's preconditioned denoiser and loss (Karras et al. 2022; config.edm), seen
+    # as an x0 model on this schedule (needs parameterization x0, a fixed variance, simple loss)
+    diffusion.formulation = "ddpm"
+
+    config.edm = edm = ml_collections.ConfigDict()  # EDM training (diffusion.formulation = edm)
+    edm.sigma_data = 0.5  # the data's standard deviation per dimension (c_skip, c_out, c_in)
+    edm.P_mean = -1.2  # mean of ln(sigma) drawn in training
+    edm.P_std = 1.2  # standard deviation of ln(sigma) drawn in training
 
     config.model = model = ml_collections.ConfigDict()
     model.name = "unet"  # unet | mlp
@@ -54,6 +62,13 @@ def get_config() -> ml_collections.ConfigDict:
     model.resblock_updown = False  # resample inside ResNet blocks (ADM)
     model.use_scale_shift_norm = False  # FiLM time conditioning (ADM)
     model.remat = False  # rematerialise ResNet blocks to save memory
+    # Options of published networks (diffusion_jax.convert); the defaults are DDPM's
+    model.norm_eps = 1e-6  # GroupNorm epsilon (improved-diffusion: 1e-5)
+    model.downsample_padding = "same"  # strided convs pad same (TF) | symmetric (1 each side)
+    model.flip_sin_to_cos = False  # timestep embedding [cos, sin] instead of [sin, cos]
+    model.freq_shift = 1.0  # embedding frequencies exp(-log(1e4) * i / (ch / 2 - freq_shift))
+    model.head_dim = None  # channels per attention head (overrides num_heads); None: num_heads
+    model.timestep_scale = 1.0  # the embedding sees t * timestep_scale
     model.class_conditional = False  # condition on labels (needs a labelled dataset)
 
     config.optim = optim = ml_collections.ConfigDict()
