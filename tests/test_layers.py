@@ -7,7 +7,7 @@ The layers, lowest first (a module may import its own layer and those below it):
 1. ``models`` and ``data``;
 2. ``plots`` (pictures of arrays and of the core);
 3. ``train``;
-4. ``evaluation``;
+4. ``evaluation`` and ``convert`` (the importers and exporter of published weights);
 5. the command lines: every ``__main__`` module.
 
 The checker reads the source with :mod:`ast`, so it runs on the real package and on small
@@ -39,6 +39,7 @@ LAYERS = {
     "plots": 2,
     "train": 3,
     "evaluation": 4,
+    "convert": 4,
 }
 CORE_NAMES = ("options", "schedules", "timesteps", "diffusion", "losses", "samplers", "_runtime")
 

@@ -6,6 +6,7 @@ Only the chosen parameters are read (no optimiser state, no random initialisatio
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, NamedTuple
 
@@ -18,7 +19,20 @@ from diffusion_jax.train import checkpoint as checkpoint_lib
 from diffusion_jax.train import config as config_lib
 from diffusion_jax.train import sharding
 
-__all__ = ["Run", "abstract_params", "checkpoint_dir", "read_run_config", "restore_run"]
+__all__ = [
+    "DATA_INFO_FILE",
+    "Run",
+    "abstract_params",
+    "checkpoint_dir",
+    "read_data_info",
+    "read_run_config",
+    "restore_run",
+]
+
+# A workdir converted from published weights (diffusion_jax.convert) describes its data here, so
+# that it samples with no dataset prepared: {"kind": "image", "shape": [H, W, C],
+# "num_classes": null | int}.
+DATA_INFO_FILE = "data_info.json"
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -53,6 +67,35 @@ def read_run_config(workdir: str, checkpoint_step: int | None = None) -> ml_coll
             f"The checkpoint of {workdir} was saved without its config."
         )
     return ml_collections.ConfigDict(saved)
+
+
+def read_data_info(workdir: str, config: ml_collections.ConfigDict, data_dir: str | None = None):
+    """The :class:`~diffusion_jax.data.DatasetInfo` recorded in ``workdir/data_info.json``
+    (a converted workdir), or None when the workdir has no such file.
+
+    Its name is ``config.data.name`` and it has no splits: enough to build the model and
+    sample; the bound and FID open their evaluation data by name as usual.
+
+    Raises:
+      ValueError: a file that does not describe an image shape ``[H, W, C]``.
+    """
+    path = os.path.join(os.path.abspath(os.fspath(workdir)), DATA_INFO_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        recorded = json.load(f)
+    shape = recorded.get("shape") if isinstance(recorded, dict) else None
+    if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(n, int) for n in shape)):
+        raise ValueError(f"{path} must hold {{'shape': [H, W, C], ...}}; got {recorded!r}.")
+    return data.DatasetInfo(
+        name=config.data.name,
+        kind=recorded.get("kind", "image"),
+        shape=tuple(shape),
+        num_classes=recorded.get("num_classes"),
+        splits={},
+        data_dir=data_dir or config.data.data_dir or None,
+        notes=recorded.get("notes", ""),
+    )
 
 
 def abstract_params(model, data_shape, conditional: bool, mesh) -> Any:
@@ -117,7 +160,8 @@ def restore_run(
 
     def abstract_for(saved_config: dict) -> Any:
         config = ml_collections.ConfigDict(saved_config)
-        info = data.get_dataset_info(
+        # A converted workdir knows its data shape without the dataset (read_data_info).
+        info = read_data_info(workdir, config, data_dir) or data.get_dataset_info(
             config.data.name, data_dir=data_dir or config.data.data_dir or None
         )
         data_shape = tuple(info.element_shape(config.data.image_size or None))

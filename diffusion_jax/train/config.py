@@ -14,6 +14,7 @@ from typing import Any
 
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from diffusion_jax import models, options, schedules
@@ -38,6 +39,7 @@ __all__ = [
 # Fields that may change between a run and its resumption without changing what is trained.
 RUN_FIELDS = (
     "data.data_dir",
+    "data.prefetch",
     "diffusion.allow_prior_mismatch",
     "train.num_steps",
     "train.log_every",
@@ -84,6 +86,13 @@ FILLED_WHEN_MISSING = {
     "edm.sigma_data": 0.5,
     "edm.P_mean": -1.2,
     "edm.P_std": 1.2,
+    "diffusion.betas": None,
+    "model.norm_eps": 1e-6,
+    "model.downsample_padding": "same",
+    "model.flip_sin_to_cos": False,
+    "model.freq_shift": 1.0,
+    "model.head_dim": None,
+    "model.timestep_scale": 1.0,
 }
 
 
@@ -229,6 +238,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.optim.ema_decay = {o.ema_decay} must lie in [0, 1).")
     _positive("data.batch_size", config.data.batch_size)
     _positive("data.image_size", config.data.image_size, allow_zero=True)
+    _positive("data.prefetch", config.data.prefetch, allow_zero=True)
     if config.data.batch_size % o.accumulate_steps:
         raise ValueError(
             f"config.data.batch_size = {config.data.batch_size} must be a multiple of "
@@ -269,8 +279,11 @@ def build_schedule(config: ml_collections.ConfigDict) -> schedules.Schedule:
 
     A config saved before ``scale_to_num_timesteps`` and ``zero_terminal_snr`` existed was
     trained with the literal beta range and no rescaling, so a missing field means False.
+    Explicit ``diffusion.betas`` (a converted published schedule) replace the named schedule.
     """
     d = config.diffusion
+    if d.get("betas") is not None:
+        return schedules.from_betas(np.asarray(d.betas, dtype=np.float64))
     return schedules.get_schedule(
         d.schedule,
         d.num_timesteps,
@@ -282,6 +295,18 @@ def build_schedule(config: ml_collections.ConfigDict) -> schedules.Schedule:
 def _check_schedule(config: ml_collections.ConfigDict) -> None:
     """The schedule reaches noise (or the config allows it) and suits the parameterisation."""
     d = config.diffusion
+    if d.betas is not None:
+        betas = d.betas
+        if not isinstance(betas, list | tuple) or len(betas) != d.num_timesteps:
+            raise ValueError(
+                f"config.diffusion.betas must be None or a list of config.diffusion.num_timesteps "
+                f"= {d.num_timesteps} numbers; got {type(betas).__name__} of length "
+                f"{len(betas) if isinstance(betas, list | tuple) else '-'}."
+            )
+        try:
+            schedules.from_betas(np.asarray(betas, dtype=np.float64))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"config.diffusion.betas is not valid: {error}") from None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the refusal below says more than get_schedule's warning
         schedule = build_schedule(config)

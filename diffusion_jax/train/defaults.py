@@ -22,6 +22,8 @@ def get_config() -> ml_collections.ConfigDict:
     data.random_flip = False  # random horizontal flips (not for digits: they are not symmetric)
     data.train_split = "train"  # split to train on
     data.eval_split = "test"  # split for the held-out loss
+    # global batches placed on the devices ahead of the step by a background thread; 0: none
+    data.prefetch = 2
 
     config.diffusion = diffusion = ml_collections.ConfigDict()
     diffusion.schedule = "cosine"  # linear | quadratic | sigmoid | cosine
@@ -30,6 +32,9 @@ def get_config() -> ml_collections.ConfigDict:
     # False keeps the literal range (to reproduce a paper or a diffusers config at T != 1000)
     diffusion.scale_to_num_timesteps = True
     diffusion.zero_terminal_snr = False  # rescale to alpha_bar_T = 0 (needs v or x0 prediction)
+    # explicit betas [num_timesteps] (a converted published schedule); when set they replace
+    # the named schedule and its scaling/rescaling; None: the named schedule
+    diffusion.betas = None
     # train even when the forward process does not reach noise (prior term L_T above
     # schedules.PRIOR_BPD_LIMIT bits/dim at unit data scale); sampling from N(0, I) is then off
     diffusion.allow_prior_mismatch = False
