@@ -21,6 +21,7 @@ from typing import Literal, get_args
 
 __all__ = [
     "ALLOWED",
+    "FORMULATIONS",
     "LOSS_TYPES",
     "PARAMETERIZATIONS",
     "PARAMS_CHOICES",
@@ -30,6 +31,7 @@ __all__ = [
     "TIMESTEP_SAMPLERS",
     "VARIANCES",
     "ArgumentError",
+    "Formulation",
     "LossType",
     "Parameterization",
     "ParamsChoice",
@@ -57,6 +59,8 @@ ScheduleName = Literal["linear", "quadratic", "sigmoid", "cosine"]
 TimestepSampler = Literal["uniform", "loss_second_moment"]
 # Which parameters of a trained run to use: the EMA or the raw (trained) ones.
 ParamsChoice = Literal["ema", "raw"]
+# How a network is trained: DDPM's timesteps and targets, or EDM's preconditioned denoiser.
+Formulation = Literal["ddpm", "edm"]
 
 PARAMETERIZATIONS: tuple[str, ...] = get_args(Parameterization)
 VARIANCES: tuple[str, ...] = get_args(Variance)
@@ -66,6 +70,7 @@ SPACINGS: tuple[str, ...] = get_args(Spacing)
 SCHEDULE_NAMES: tuple[str, ...] = get_args(ScheduleName)
 TIMESTEP_SAMPLERS: tuple[str, ...] = get_args(TimestepSampler)
 PARAMS_CHOICES: tuple[str, ...] = get_args(ParamsChoice)
+FORMULATIONS: tuple[str, ...] = get_args(Formulation)
 
 # Option name -> allowed values; the name is the keyword argument the core takes.
 ALLOWED: dict[str, tuple[str, ...]] = {
@@ -77,6 +82,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "schedule": SCHEDULE_NAMES,
     "timestep_sampler": TIMESTEP_SAMPLERS,
     "params": PARAMS_CHOICES,
+    "formulation": FORMULATIONS,
 }
 
 

@@ -2,8 +2,12 @@
 :mod:`diffusion_jax.train.loop`, which owns the loop, devices, checkpoints and logs.
 
 Randomness: the key of optimiser step s is ``fold_in(train_key, s)`` (see :func:`run_keys`);
-every draw inside the step (timesteps, noise, dropout, label dropout) is over the global batch,
-whose values do not depend on how the batch is sharded.
+every draw inside the step (timesteps or EDM's sigmas, noise, dropout, label dropout) is over the
+global batch, whose values do not depend on how the batch is sharded.
+
+The loss is DDPM's (:func:`diffusion_jax.losses.training_loss` with ``config.diffusion``'s
+options) or, with ``diffusion.formulation = "edm"``, EDM's (:func:`diffusion_jax.losses.edm.
+edm_loss` on the model's ``denoise`` method, with ``config.edm``'s settings).
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ import ml_collections
 import optax
 
 from diffusion_jax import losses
+from diffusion_jax.losses import edm as edm_losses
 from diffusion_jax.models import example_inputs, make_model_fn
+from diffusion_jax.models.preconditioned import make_denoise_fn
 from diffusion_jax.train import config as config_lib
 from diffusion_jax.train import sharding
 
@@ -138,22 +144,46 @@ def create_train_state(
     return init, abstract, shardings
 
 
-def _config_loss(config, model_fn, params, schedule, x0, key, model_kwargs, timestep_probs=None):
-    """``losses.training_loss`` with the options of ``config.diffusion``."""
+def _config_loss(config, model, schedule, *, train: bool):
+    """``loss(params, x0, key, model_kwargs, timestep_probs=None) -> (loss, metrics)``: the
+    training loss of ``config`` (DDPM's with ``config.diffusion``'s options, or EDM's)."""
     d = config.diffusion
-    return losses.training_loss(
-        model_fn,
-        params,
-        schedule,
-        x0,
-        key,
-        parameterization=d.parameterization,
-        variance=d.variance,
-        loss_type=d.loss_type,
-        min_snr_gamma=d.min_snr_gamma or None,
-        model_kwargs=model_kwargs,
-        timestep_probs=timestep_probs,
-    )
+    if config_lib.formulation(config) == "edm":
+        denoise_fn = make_denoise_fn(model, train=train)
+        e = config.edm
+
+        def edm_loss(params, x0, key, model_kwargs, timestep_probs=None):
+            del timestep_probs  # EDM draws sigma, not t (the config check keeps it uniform)
+            return edm_losses.edm_loss(
+                denoise_fn,
+                params,
+                x0,
+                key,
+                sigma_data=float(e.sigma_data),
+                P_mean=float(e.P_mean),
+                P_std=float(e.P_std),
+                model_kwargs=model_kwargs,
+            )
+
+        return edm_loss
+    model_fn = make_model_fn(model, train=train)
+
+    def ddpm_loss(params, x0, key, model_kwargs, timestep_probs=None):
+        return losses.training_loss(
+            model_fn,
+            params,
+            schedule,
+            x0,
+            key,
+            parameterization=d.parameterization,
+            variance=d.variance,
+            loss_type=d.loss_type,
+            min_snr_gamma=d.min_snr_gamma or None,
+            model_kwargs=model_kwargs,
+            timestep_probs=timestep_probs,
+        )
+
+    return ddpm_loss
 
 
 def make_train_step(
@@ -170,7 +200,7 @@ def make_train_step(
     ``optax.MultiSteps`` averages into one optimiser step, so one call is always one step.
     """
     d = config.diffusion
-    model_fn = make_model_fn(model, train=True)
+    config_loss = _config_loss(config, model, schedule, train=True)
     conditional = bool(config.model.class_conditional)
     accumulate = config.optim.accumulate_steps
     importance = d.timestep_sampler == "loss_second_moment"
@@ -180,7 +210,7 @@ def make_train_step(
         kwargs = {"rngs": {"dropout": dropout_key}}
         if conditional:
             kwargs["y"] = labels
-        return _config_loss(config, model_fn, params, schedule, x0, loss_key, kwargs, probs)
+        return config_loss(params, x0, loss_key, kwargs, probs)
 
     grad_fn = jax.grad(loss_fn, has_aux=True)
 
@@ -241,13 +271,14 @@ def make_train_step(
         out = {
             "loss": metrics["loss"],
             "mse": metrics["mse"],
-            "vb": metrics["vb"],
             "grad_norm": metrics["grad_norm"],
             "learning_rate": learning_rate(state.step),
             "update_skipped": 1 - finite.astype(jnp.int32),
             "nonfinite_consecutive": optax.tree_utils.tree_get(opt_state, "notfinite_count"),
             "nonfinite_total": optax.tree_utils.tree_get(opt_state, "total_notfinite"),
         }
+        if "vb" in metrics:  # EDM's loss has no bound term
+            out["vb"] = metrics["vb"]
         return new_state, out
 
     return train_step
@@ -256,13 +287,13 @@ def make_train_step(
 def make_eval_step(config: ml_collections.ConfigDict, model, schedule):
     """``(params, batch, index) -> loss``: the training loss without dropout, with a fixed key
     per eval batch so that held-out losses are comparable across the run."""
-    model_fn = make_model_fn(model, train=False)
+    config_loss = _config_loss(config, model, schedule, train=False)
     conditional = bool(config.model.class_conditional)
 
     def eval_step(params, batch, index):
         key = jax.random.fold_in(run_keys(config.seed)[2], index)
         kwargs = {"y": batch["label"]} if conditional else {}
         x0 = to_model_input(batch)
-        return _config_loss(config, model_fn, params, schedule, x0, key, kwargs)[0]
+        return config_loss(params, x0, key, kwargs)[0]
 
     return eval_step
