@@ -32,6 +32,7 @@ VOCABULARY = [
     ("schedule", options.ScheduleName, options.SCHEDULE_NAMES),
     ("timestep_sampler", options.TimestepSampler, options.TIMESTEP_SAMPLERS),
     ("params", options.ParamsChoice, options.PARAMS_CHOICES),
+    ("formulation", options.Formulation, options.FORMULATIONS),
 ]
 VARIANCES_TEXT = "('fixed_small', 'fixed_large', 'learned_range')"
 
