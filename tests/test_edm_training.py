@@ -17,10 +17,13 @@ import ml_collections
 import numpy as np
 import pytest
 import trainer_helpers as h
+from sklearn.decomposition import PCA
 
 from configs import digits_edm
 from diffusion_jax import models, schedules, train
+from diffusion_jax.data import digits as digits_data
 from diffusion_jax.diffusion import edm
+from diffusion_jax.evaluation import digits_check
 from diffusion_jax.losses import edm as edm_losses
 from diffusion_jax.models.preconditioned import Preconditioned, make_denoise_fn
 from diffusion_jax.train import config as config_lib
@@ -270,3 +273,25 @@ def test_edm_run_end_to_end_resume_and_sample_with_heun(tmp_path):
     with np.load(out / "samples.npz") as npz:
         samples = next(npz[k] for k in npz.files if npz[k].dtype.kind == "f")
     assert samples.shape == (16, 2) and np.all(np.isfinite(samples))
+
+
+def test_digits_frechet_distance_in_pca_space():
+    """The feature-space distance of the comparison (evaluation.digits_check): the PCA matches
+    scikit-learn's up to the sign of each axis, held-out digits are at distance 0 from
+    themselves, and real digits score far below noise."""
+    images, _ = digits_data.load_digits_uint8()
+    split = digits_data.split_indices()
+    pixels = images[split["train"]].reshape(len(split["train"]), -1) / 255.0
+    reference = PCA(n_components=digits_check.PCA_COMPONENTS).fit(pixels)
+    sample = images[split["test"][:50]]
+    np.testing.assert_allclose(
+        np.abs(digits_check.digits_features(sample)),
+        np.abs(reference.transform(sample.reshape(50, -1) / 255.0)),
+        atol=1e-8,
+    )
+    assert digits_check.digits_frechet_distance(images[split["test"]]) == pytest.approx(
+        0.0, abs=1e-8
+    )
+    floor = digits_check.digits_frechet_floor(100)
+    noise = np.random.default_rng(0).integers(0, 256, (100, 8, 8, 1), dtype=np.uint8)
+    assert 0 < floor < 0.2 * digits_check.digits_frechet_distance(noise)
