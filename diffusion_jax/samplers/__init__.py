@@ -9,6 +9,11 @@ The loop compiles once per (method, shape, number of steps, static options): key
 the schedule's values and EDM's settings (except whether ``S_churn > 0``) are traced or
 tabulated, so changing them never retraces.
 
+A run can be steered (:mod:`.steering`): a given start ``x_T``, an input to edit from a
+noise level (``x_start``, ``t_start``: SDEdit), and hooks traced inside the loop (a
+``model_output_hook``, e.g. classifier guidance, and a ``callback`` after each update, e.g.
+inpainting). :func:`invert` (:mod:`.inversion`) runs deterministic DDIM backwards, x0 -> x_T.
+
 One module per method, behind one registry (:mod:`.registry`): :mod:`.ddpm`, :mod:`.ddim`,
 :mod:`.dpm_solver`, :mod:`.edm` (two methods on EDM's sigma grid, with a ``prepare``), each a
 :class:`~.base.Method` (a host-side ``plan`` and a per-step ``update``). The shared pieces:
@@ -39,12 +44,14 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax import options
-from diffusion_jax.diffusion import ClipX0
-from diffusion_jax.samplers import loop, registry
+from diffusion_jax.diffusion import ClipX0, q_sample
+from diffusion_jax.samplers import loop, registry, steering
 from diffusion_jax.samplers.dpm_solver import MIN_STEP_RATIO
 from diffusion_jax.samplers.edm import EDMOptions
+from diffusion_jax.samplers.inversion import invert
 from diffusion_jax.samplers.loop import Trajectory
-from diffusion_jax.samplers.noise import step_noise
+from diffusion_jax.samplers.noise import initial_noise, step_noise
+from diffusion_jax.samplers.steering import StepInfo, keep_known, shift_by_score
 from diffusion_jax.samplers.validation import SamplerOptions, make_options
 from diffusion_jax.schedules import Schedule
 from diffusion_jax.timesteps import SPACINGS, respace, timesteps_for
@@ -55,10 +62,14 @@ __all__ = [
     "SPACINGS",
     "EDMOptions",
     "SamplerOptions",
+    "StepInfo",
     "Trajectory",
+    "invert",
+    "keep_known",
     "make_options",
     "respace",
     "sample",
+    "shift_by_score",
     "step_noise",
     "timesteps_for",
 ]
@@ -88,8 +99,14 @@ def sample(
     trajectory_every: int | None = None,
     first_index: int | jax.Array = 0,
     edm: EDMOptions | None = None,
+    x_T: jax.Array | None = None,
+    x_start: jax.Array | None = None,
+    t_start: int | None = None,
+    model_output_hook: Callable[..., jax.Array] | None = None,
+    callback: Callable[..., jax.Array] | None = None,
+    hook_kwargs: dict[str, Any] | None = None,
 ) -> jax.Array | Trajectory:
-    """Draws samples by running the reverse process from pure noise.
+    """Draws samples by running the reverse process from pure noise (or a given start).
 
     Methods:
       * ``ddpm``: ancestral sampling (Ho et al. 2020) for every parameterisation and variance
@@ -145,6 +162,23 @@ def sample(
       edm: an :class:`EDMOptions` (sigma range, rho, S_churn, S_tmin, S_tmax, S_noise) for
         ``heun``/``euler``; ``None`` is ``EDMOptions()``, deterministic over the schedule's
         whole sigma range. Other methods refuse it.
+      x_T: ``[B, ...]`` a given start instead of drawn noise: the x entering the first step,
+        at the first timestep the model sees, in the model's (VP) scale; heun/euler draw
+        ``sqrt(1 - abar) z`` there (EDM's ``sigma_max z`` divided by ``1 / sqrt(abar)``).
+        Traced: changing it does not recompile. See :mod:`.steering`.
+      x_start: ``[B, ...]`` data to edit (SDEdit): noised with ``q_sample`` to the first
+        timestep of the grid below ``t_start`` (noise ``step_noise(key, 0, ...)``), then the
+        rest of the grid is run.
+      t_start: an int in [0, T], the noise level to start from in forward steps: ``T`` runs
+        the whole grid, ``0`` none (``x_start`` comes back unchanged). With ``x_T``, the given
+        x is at the first timestep below ``t_start`` (e.g. :func:`invert` with ``t_stop``).
+        Static: each number of remaining steps compiles once.
+      model_output_hook: ``hook(info, output, **hook_kwargs) -> output``, traced in the loop
+        after the (guided) model call, e.g. classifier guidance with
+        :func:`~.steering.shift_by_score`; ``info`` is a :class:`~.steering.StepInfo`.
+      callback: ``callback(info, x_next, pred_x0, **hook_kwargs) -> x_next``, traced in the
+        loop after each update, e.g. inpainting with :func:`~.steering.keep_known`.
+      hook_kwargs: arrays passed to the hooks (traced: changing them does not recompile).
 
     Returns:
       float32 samples of ``shape``, or a :class:`Trajectory` with ``return_trajectory``.
@@ -186,17 +220,49 @@ def sample(
         trajectory_every=trajectory_every,
         first_index=first_index,
         edm=edm,
+        x_T=x_T,
+        x_start=x_start,
+        t_start=t_start,
+        model_output_hook=model_output_hook,
+        callback=callback,
+        hook_kwargs=hook_kwargs,
     )
+    method_ = sampler_options.method
     x_T_scale = 1.0
-    if sampler_options.method.prepare is None:
+    if method_.prepare is None:
         timesteps = timesteps_for(
             schedule.num_timesteps, sampler_options.num_steps, timestep_spacing
         )
-        step_schedule, tables = sampler_options.method.plan(schedule, timesteps)
+        start = steering.first_iteration(timesteps, t_start)
+        # A run joined midway is planned over its own steps (DPM-Solver++ then starts at first
+        # order); the plans of the other methods are those rows of the full run's.
+        timesteps = timesteps[start:]
+        if len(timesteps):
+            step_schedule, tables = method_.plan(schedule, timesteps)
     else:
-        timesteps, step_schedule, tables, x_T_scale = sampler_options.method.prepare(
+        timesteps, step_schedule, tables, x_T_scale = method_.prepare(
             schedule, sampler_options.num_steps, sampler_options.edm
         )
+        entries = None if method_.entry_points is None else method_.entry_points(tables)
+        start = steering.first_iteration(timesteps, t_start, entries)
+        timesteps = timesteps[start:]
+        tables = {name: table[start:] for name, table in tables.items()}
+    if x_start is not None:
+        x_start = jnp.asarray(x_start, jnp.float32)
+        if len(timesteps):
+            first = jnp.asarray(first_index, jnp.int32)
+            noise = initial_noise(key, first, sampler_options.shape)  # the drawn x_T's z
+            t = jnp.full((sampler_options.shape[0],), timesteps[0], jnp.int32)
+            x_T = q_sample(schedule, x_start, t, noise)
+        else:
+            x_T = x_start
+    every = sampler_options.trajectory_every
+    if not len(timesteps):  # t_start at or below the grid's last timestep: nothing to run
+        x = jnp.asarray(x_T, jnp.float32)
+        if every is None:
+            return x
+        empty = jnp.zeros((0, *sampler_options.shape), jnp.float32)
+        return Trajectory(x, empty, empty, jnp.zeros((0,), jnp.int32))
     x, xs, pred_x0s = loop.run(
         model_fn,
         params,
@@ -212,8 +278,11 @@ def sample(
         eta=eta,
         first_index=first_index,
         x_T_scale=x_T_scale,
+        x_T=x_T,
+        first_step=start,
+        schedule=schedule,
+        hook_kwargs=hook_kwargs,
     )
-    every = sampler_options.trajectory_every
     if every is None:
         return x
     return Trajectory(x, xs, pred_x0s, jnp.asarray(timesteps[::every]))

@@ -79,6 +79,10 @@ class Method(NamedTuple):
         iteration, the tables (a row each), and the factor applied to the standard normal
         x_T. Its ``plan`` is then unused, ``timestep_spacing`` and ``eta`` do not apply, and
         it draws noise iff ``edm.S_churn > 0``.
+      entry_points: for a method with ``prepare``, ``entry_points(tables) -> int array`` the
+        iterations a run joined midway (SDEdit's ``t_start``) may start at, e.g. not at Heun's
+        corrector, which needs its predictor's state; ``None`` means any. A method planned by
+        ``plan`` is re-planned over the remaining timesteps instead.
 
     Example:
       >>> jump = Method("x0_jump", plan=lambda s, t: (s, {}),
@@ -92,6 +96,7 @@ class Method(NamedTuple):
     stochastic: Callable[[float], bool] = never
     takes_eta: bool = False
     prepare: Callable[..., tuple[np.ndarray, Schedule, dict[str, np.ndarray], float]] | None = None
+    entry_points: Callable[[dict[str, np.ndarray]], np.ndarray] | None = None
 
 
 def per_example(value: jax.Array, x: jax.Array) -> jax.Array:

@@ -42,7 +42,16 @@ from diffusion_jax.samplers.base import Method, Step, predicted_x0
 from diffusion_jax.schedules import Schedule
 from diffusion_jax.timesteps import host_betas
 
-__all__ = ["EULER", "HEUN", "EDMOptions", "check", "grid", "prepare_euler", "prepare_heun"]
+__all__ = [
+    "EULER",
+    "HEUN",
+    "EDMOptions",
+    "check",
+    "entry_points",
+    "grid",
+    "prepare_euler",
+    "prepare_heun",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,11 +268,29 @@ def update(step: Step, carry: tuple[jax.Array, jax.Array]):
     return x_next, denoised, (x_in, d)
 
 
+def entry_points(tables: dict[str, np.ndarray]) -> np.ndarray:
+    """The iterations a run may start at: the predictors (a corrector needs its predictor's
+    state), every iteration for Euler."""
+    return np.flatnonzero(tables["w_hat"] == 0.0)
+
+
 def _unused_plan(schedule, timesteps):
     raise ValueError("EDM's methods plan their own sigma grid: use Method.prepare.")
 
 
-HEUN = Method("heun", plan=_unused_plan, update=update, init_carry=init_carry, prepare=prepare_heun)
+HEUN = Method(
+    "heun",
+    plan=_unused_plan,
+    update=update,
+    init_carry=init_carry,
+    prepare=prepare_heun,
+    entry_points=entry_points,
+)
 EULER = Method(
-    "euler", plan=_unused_plan, update=update, init_carry=init_carry, prepare=prepare_euler
+    "euler",
+    plan=_unused_plan,
+    update=update,
+    init_carry=init_carry,
+    prepare=prepare_euler,
+    entry_points=entry_points,
 )

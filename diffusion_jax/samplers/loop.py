@@ -2,9 +2,10 @@
 
 Per step the loop calls the model (:mod:`~diffusion_jax.samplers.guidance`), draws the step's
 noise if the method is stochastic (:func:`~diffusion_jax.samplers.noise.step_noise`), applies
-the method's update and records the trajectory. The method's plan arrives as scanned tables,
-so the loop compiles once per (method, shape, number of steps, static options) and never
-branches on a traced value.
+the method's update and records the trajectory; the hooks of :mod:`.steering`, when given, see
+and change the model output before the update and the state after it. The method's plan
+arrives as scanned tables, so the loop compiles once per (method, shape, number of steps,
+static options) and never branches on a traced value.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from diffusion_jax import _runtime
 from diffusion_jax.samplers import guidance
 from diffusion_jax.samplers.base import Step, per_example
 from diffusion_jax.samplers.noise import initial_noise, step_noise
+from diffusion_jax.samplers.steering import HOOK_NOISE_STREAM, StepInfo
 from diffusion_jax.samplers.validation import SamplerOptions
 from diffusion_jax.schedules import Schedule
 
@@ -50,8 +52,12 @@ def run(
     eta: float | jax.Array,
     first_index: int | jax.Array,
     x_T_scale: float = 1.0,
+    x_T: jax.Array | None = None,
+    first_step: int = 0,
+    schedule: Schedule | None = None,
+    hook_kwargs: dict[str, Any] | None = None,
 ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
-    """Draws x_T and runs the compiled loop over a method's plan.
+    """Draws x_T (unless given) and runs the compiled loop over a method's plan.
 
     Args:
       model_fn: ``model_fn(params, x_t, t, **model_kwargs) -> output`` (static: hashable).
@@ -66,6 +72,12 @@ def run(
         (``uncond_kwargs=None``: no guidance).
       x_T_scale: the factor on the standard normal x_T (a method's ``prepare``; EDM's runs
         start at ``sigma_max`` noise).
+      x_T: ``[B, ...]`` the given start (the x entering the first step), or None to draw it.
+      first_step: the index of the plan's first row in the full run's grid: step ``k`` of the
+        plan draws the noise of step ``first_step + k + 1`` (a run joined midway, SDEdit).
+      schedule: the original schedule, for the hooks' :class:`~.steering.StepInfo` (None:
+        ``step_schedule``).
+      hook_kwargs: the arrays passed to the hooks of ``sampler_options``.
 
     Returns:
       ``(samples, xs, pred_x0s)``; the snapshots are None without a trajectory.
@@ -76,21 +88,33 @@ def run(
       ...               first_index=0)
     """
     first_index = jnp.asarray(first_index, jnp.int32)
-    x_T = initial_noise(key, first_index, sampler_options.shape)
-    if x_T_scale != 1.0:
-        x_T = x_T * jnp.float32(x_T_scale)
+    if x_T is None:
+        x_T = initial_noise(key, first_index, sampler_options.shape)
+        if x_T_scale != 1.0:
+            x_T = x_T * jnp.float32(x_T_scale)
+    else:
+        x_T = jnp.asarray(x_T, jnp.float32)
+    timesteps = np.asarray(timesteps, np.int32)
+    steps = (
+        np.arange(len(timesteps), dtype=np.int32),
+        np.arange(first_step, first_step + len(timesteps), dtype=np.int32),
+        timesteps,
+        np.append(timesteps[1:], -1).astype(np.int32),  # where x_next is; -1: x0
+    )
     return _scan(
         params,
         x_T,
         key,
         first_index,
         step_schedule,
-        (np.arange(len(timesteps), dtype=np.int32), np.asarray(timesteps, np.int32)),
+        step_schedule if schedule is None else schedule,
+        steps,
         device_tables(tables),
         {} if model_kwargs is None else dict(model_kwargs),
         None if uncond_kwargs is None else dict(uncond_kwargs),
         jnp.asarray(1.0 if guidance_scale is None else guidance_scale, jnp.float32),
         jnp.asarray(eta, jnp.float32),
+        {} if hook_kwargs is None else dict(hook_kwargs),
         model_fn=model_fn,
         sampler_options=sampler_options,
     )
@@ -111,29 +135,49 @@ def _scan(
     key: jax.Array,
     first_index: jax.Array,
     step_schedule: Schedule,
-    steps: tuple[jax.Array, jax.Array],
+    schedule: Schedule,
+    steps: tuple[jax.Array, jax.Array, jax.Array, jax.Array],
     tables: dict[str, jax.Array],
     model_kwargs: dict[str, Any],
     uncond_kwargs: dict[str, Any] | None,
     guidance_scale: jax.Array,
     eta: jax.Array,
+    hook_kwargs: dict[str, Any],
     *,
     model_fn: Callable[..., jax.Array],
     sampler_options: SamplerOptions,
 ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
-    """The whole reverse process; ``steps`` is (the step index k, the model's timestep)."""
+    """The whole reverse process; ``steps`` is (the step index k, its index in the full run's
+    grid, the model's timestep, the timestep of the step's result)."""
     opts = sampler_options
     every = opts.trajectory_every
+    hooked = opts.model_output_hook is not None or opts.callback is not None
+    hook_key = jax.random.fold_in(key, HOOK_NOISE_STREAM) if hooked else None
 
     def body(carry, scanned):
         x, solver_carry, xs, pred_x0s = carry
-        (k, t_model), row = scanned
+        (k, k_run, t_model, t_next), row = scanned
         t = per_example(t_model, x)
         out = guidance.model_output(
             model_fn, params, x, t, model_kwargs, uncond_kwargs, guidance_scale, opts.variance
         )
+        if hooked:
+            info = StepInfo(
+                index=k_run,
+                t=t,
+                t_next=per_example(t_next, x),
+                x=x,
+                noise=step_noise(hook_key, k_run + 1, opts.shape, first_index),
+                schedule=schedule,
+                parameterization=opts.parameterization,
+                variance=opts.variance,
+            )
+        if opts.model_output_hook is not None:
+            out = _checked_hook_result(
+                "model_output_hook", opts.model_output_hook(info, out, **hook_kwargs), out
+            )
         if opts.stochastic:
-            noise = step_noise(key, k + 1, opts.shape, first_index)
+            noise = step_noise(key, k_run + 1, opts.shape, first_index)
         else:
             noise = jnp.zeros_like(x)
         step = Step(
@@ -149,6 +193,10 @@ def _scan(
             clip_x0=opts.clip_x0,
         )
         x_next, pred_x0, solver_carry = opts.method.update(step, solver_carry)
+        if opts.callback is not None:
+            x_next = _checked_hook_result(
+                "callback", opts.callback(info, x_next, pred_x0, **hook_kwargs), x_next
+            )
         if every is not None:
             # Steps between snapshots write to a spare last slot: no read-modify-write.
             slot = jnp.where(k % every == 0, k // every, xs.shape[0] - 1)
@@ -166,3 +214,13 @@ def _scan(
     if every is not None:
         xs, pred_x0s = xs[:-1], pred_x0s[:-1]
     return x, xs, pred_x0s
+
+
+def _checked_hook_result(name: str, result: Any, expected: jax.Array) -> jax.Array:
+    """A hook's result in the loop's dtype, or a ValueError naming the hook and the shapes."""
+    if jnp.shape(result) != expected.shape:
+        raise ValueError(
+            f"{name} must return an array of shape {expected.shape} (what it was given), got "
+            f"{jnp.shape(result)}."
+        )
+    return jnp.asarray(result).astype(expected.dtype)

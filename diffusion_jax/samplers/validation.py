@@ -39,6 +39,7 @@ from diffusion_jax.timesteps import check_num_steps, host_betas, timesteps_for
 __all__ = [
     "FIRST_STEP_AMPLIFICATION_LIMIT",
     "SamplerOptions",
+    "check_steering",
     "first_step_amplification",
     "make_options",
 ]
@@ -69,6 +70,8 @@ class SamplerOptions:
     stochastic: bool  # the updates draw noise
     trajectory_every: int | None  # snapshot every this many steps; None records nothing
     edm: EDMOptions | None = None  # EDM's settings for heun/euler; None for other methods
+    model_output_hook: Callable[..., jax.Array] | None = None  # see samplers.steering
+    callback: Callable[..., jax.Array] | None = None  # see samplers.steering
 
 
 def make_options(
@@ -90,6 +93,12 @@ def make_options(
     trajectory_every: int | None,
     first_index: int | jax.Array,
     edm: EDMOptions | None = None,
+    x_T: jax.Array | None = None,
+    x_start: jax.Array | None = None,
+    t_start: int | None = None,
+    model_output_hook: Callable[..., jax.Array] | None = None,
+    callback: Callable[..., jax.Array] | None = None,
+    hook_kwargs: dict[str, Any] | None = None,
 ) -> SamplerOptions:
     """Checks every argument of :func:`~diffusion_jax.samplers.sample` (the same names; see
     there) before anything compiles, and returns the static options.
@@ -112,7 +121,8 @@ def make_options(
         without ``uncond_kwargs`` (or the reverse) or with mismatched kwargs; a bad shape,
         ``trajectory_every`` or ``first_index``; ``edm`` given to a method other than
         heun/euler, or a bad one (:func:`~diffusion_jax.samplers.edm.check`); a schedule that is
-        traced or not a :class:`~diffusion_jax.schedules.Schedule`; an unhashable ``model_fn``.
+        traced or not a :class:`~diffusion_jax.schedules.Schedule`; an unhashable ``model_fn``;
+        the steering arguments (:func:`check_steering`).
 
     Example:
       >>> make_options(model_fn, schedule, (8, 4), method="ddim", num_steps=10, eta=0.0, ...)
@@ -172,7 +182,20 @@ def make_options(
             "model_fn must be hashable (it is a static argument of the compiled loop); wrap it "
             "in a function defined once."
         ) from None
-    if parameterization == "eps" and clip_x0 is False and not stochastic:
+    check_steering(
+        shape,
+        num_timesteps,
+        x_T=x_T,
+        x_start=x_start,
+        t_start=t_start,
+        model_output_hook=model_output_hook,
+        callback=callback,
+        hook_kwargs=hook_kwargs,
+    )
+    # A given start (x_T, x_start) is the caller's choice: the first-step warning is about the
+    # drawn noise of a full run.
+    given_start = x_T is not None or x_start is not None
+    if parameterization == "eps" and clip_x0 is False and not stochastic and not given_start:
         if sampler.prepare is None:
             first = timesteps_for(num_timesteps, num_steps, timestep_spacing)[0]
         else:
@@ -200,7 +223,78 @@ def make_options(
         stochastic=stochastic,
         trajectory_every=trajectory_every if return_trajectory else None,
         edm=edm,
+        model_output_hook=model_output_hook,
+        callback=callback,
     )
+
+
+def check_steering(
+    shape: tuple[int, ...],
+    num_timesteps: int,
+    *,
+    x_T: jax.Array | None,
+    x_start: jax.Array | None,
+    t_start: int | None,
+    model_output_hook: Callable[..., jax.Array] | None,
+    callback: Callable[..., jax.Array] | None,
+    hook_kwargs: dict[str, Any] | None,
+) -> None:
+    """Checks the arguments of :mod:`~diffusion_jax.samplers.steering` (see there).
+
+    Raises:
+      ValueError: ``x_T`` or ``x_start`` not a float array of ``shape``, or both given;
+        ``t_start`` not an int in [0, T], or without ``x_start`` or ``x_T``; a hook that is not
+        callable or not hashable; ``hook_kwargs`` without a hook or not a dict.
+
+    Example:
+      >>> check_steering((8, 4), 1000, x_T=None, x_start=x, t_start=500,
+      ...                model_output_hook=None, callback=None, hook_kwargs=None)
+    """
+    for name, value in (("x_T", x_T), ("x_start", x_start)):
+        if value is None:
+            continue
+        if jnp.shape(value) != shape:
+            raise ValueError(
+                f"{name} must have the samples' shape {shape}, got {jnp.shape(value)}."
+            )
+        if not jnp.issubdtype(jnp.result_type(value), jnp.floating):
+            raise ValueError(f"{name} must be a float array, got dtype {jnp.result_type(value)}.")
+    if x_T is not None and x_start is not None:
+        raise ValueError(
+            "Pass x_T (a given noisy start) or x_start (data to noise to t_start, SDEdit), "
+            "not both."
+        )
+    if t_start is not None:
+        if isinstance(t_start, bool) or not isinstance(t_start, int | np.integer):
+            raise ValueError(
+                f"t_start must be a Python int (it fixes the number of steps), got {t_start!r}."
+            )
+        if not 0 <= t_start <= num_timesteps:
+            raise ValueError(f"t_start must be in [0, T={num_timesteps}], got {t_start=}.")
+        if x_start is None and x_T is None:
+            raise ValueError(
+                "t_start needs x_start (the data to noise, SDEdit) or x_T (a noisy start at "
+                "the first step below t_start)."
+            )
+    elif x_start is not None:
+        raise ValueError("x_start needs t_start: the number of forward steps to noise it by.")
+    for name, hook in (("model_output_hook", model_output_hook), ("callback", callback)):
+        if hook is None:
+            continue
+        if not callable(hook):
+            raise ValueError(f"{name} must be a function, got {type(hook).__name__}.")
+        try:
+            hash(hook)
+        except TypeError:
+            raise ValueError(
+                f"{name} must be hashable (it is a static argument of the compiled loop); "
+                "define it once and pass its arrays in hook_kwargs."
+            ) from None
+    if hook_kwargs is not None:
+        if not isinstance(hook_kwargs, dict):
+            raise ValueError(f"hook_kwargs must be a dict, got {type(hook_kwargs).__name__}.")
+        if model_output_hook is None and callback is None:
+            raise ValueError("hook_kwargs needs a model_output_hook or a callback to receive it.")
 
 
 def first_step_amplification(schedule: Schedule, first_timestep: int) -> float:
