@@ -6,8 +6,8 @@ classifier-free guidance.
 method's tables in float64 NumPy), and runs one compiled ``lax.scan`` with fixed-shape state.
 The loop compiles once per (method, shape, number of steps, static options): keys, params,
 ``first_index``, ``guidance_scale``, ``eta``, the timestep spacing, the model's keyword arrays,
-the schedule's values and EDM's settings (except whether ``S_churn > 0``) are traced or
-tabulated, so changing them never retraces.
+the schedule's values, EDM's settings (except whether ``S_churn > 0``), a given ``x_T`` or
+``x_start`` and the hooks' arrays are traced or tabulated, so changing them never retraces.
 
 A run can be steered (:mod:`.steering`): a given start ``x_T``, an input to edit from a
 noise level (``x_start``, ``t_start``: SDEdit), and hooks traced inside the loop (a
