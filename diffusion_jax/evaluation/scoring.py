@@ -21,7 +21,8 @@ from diffusion_jax.evaluation import fid, sampling
 from diffusion_jax.evaluation.inception_weights import load_inception_variables
 from diffusion_jax.evaluation.outputs import check_writable
 from diffusion_jax.evaluation.runs import checkpoint_dir, read_run_config, restore_run
-from diffusion_jax.train.generate import cycled_labels, to_uint8
+from diffusion_jax.models import inception
+from diffusion_jax.train.generate import cycled_labels, generate_batches, to_uint8
 
 __all__ = ["fid_from_workdir", "ref_stats"]
 
@@ -94,7 +95,10 @@ def ref_stats(
         process_count=1,
     )
     extract = fid.FeatureExtractor(variables, batch_size=batch_size)
-    pools, logits, pending = [], [], []
+    # Running sums: memory independent of num (as fid_from_workdir).
+    statistics = fid.RunningStatistics(inception.FEATURE_DIM)
+    score = fid.RunningInceptionScore(num, fid.default_num_splits(num))
+    pending = []
     for step in tqdm(
         range(num // read_batch), disable=not progress, desc="reference", unit="batch"
     ):
@@ -104,17 +108,22 @@ def ref_stats(
             images = np.concatenate(pending)
             # Whole Inception batches now, the rest with the next read (no padding waste).
             cut = len(images) if last else len(images) // extract.batch_size * extract.batch_size
-            pool, logit = extract(images[:cut])
-            pools.append(pool)
-            logits.append(logit)
+            pool, logits = extract(images[:cut])
+            statistics.update(pool)
+            score.update(logits)
             pending = [images[cut:]]
-    mu, sigma = fid.compute_statistics(np.concatenate(pools))
-    score, score_std = fid.inception_score(np.concatenate(logits), fid.default_num_splits(num))
+    mu, sigma = statistics.statistics()
+    score_mean, score_std = score.result()
     if jax.process_index() == 0:
         fid.save_statistics(
             out, mu, sigma, num=num, dataset=dataset, split=split, image_size=image_size or 0
         )
-    return {"out": out, "num": num, "inception_score": score, "inception_score_std": score_std}
+    return {
+        "out": out,
+        "num": num,
+        "inception_score": score_mean,
+        "inception_score_std": score_std,
+    }
 
 
 def fid_from_workdir(
@@ -132,6 +141,7 @@ def fid_from_workdir(
     guidance: float | None = None,
     inception_weights: str | None = None,
     inception_batch_size: int = 200,
+    samples_dir: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Samples ``num`` images from a checkpoint and scores them: FID against ``ref_stats_path``
@@ -142,14 +152,26 @@ def fid_from_workdir(
     ``i % num_classes``. IS is over 10 splits (one per 100 samples below 1000). The result is
     also written to ``WORKDIR/eval/fid_{which}_{method}{steps}_n{num}_seed{seed}.json``.
 
+    The samples stream: each sampler batch goes through the Inception network as soon as it
+    is drawn, its pool features are folded into running float64 sums
+    (:class:`~diffusion_jax.evaluation.fid.RunningStatistics`) and its logits into per-split
+    IS sums (:class:`~diffusion_jax.evaluation.fid.RunningInceptionScore`), and the batch is
+    dropped. The host holds at most one sampler batch plus one Inception batch of images and
+    ``O(2048^2 + 10 x 1008)`` floats of statistics, whatever ``num`` is (50,000 samples of
+    256x256 need no more memory than 1,000).
+
     Args:
       workdir: a training workdir with ``checkpoints/``.
       ref_stats_path: statistics from :func:`ref_stats` (or pytorch-fid's / TTUR's).
       num, batch_size, method, steps, eta, seed, which, checkpoint_step, guidance: as in
         :func:`diffusion_jax.evaluation.sampling.sample_from_workdir` (``which``: ``"ema"`` or
-        ``"raw"`` parameters; ``num`` >= 2).
+        ``"raw"`` parameters; ``num`` >= 2; ``batch_size`` default ``min(num, 64)``, rounded
+        up to a multiple of the device count).
       inception_weights: converted weights (default ``$DIFFUSION_JAX_INCEPTION_WEIGHTS``).
       inception_batch_size: images per Inception call.
+      samples_dir: also keep the samples, one ``samples_{start:07d}.npz`` shard per sampler
+        batch (uint8 ``images`` of indices ``start..``, and ``labels`` for a
+        class-conditional model); None keeps none.
       progress: show progress bars.
 
     Returns:
@@ -157,8 +179,8 @@ def fid_from_workdir(
       (the parameter choice under ``"params"``).
 
     Raises:
-      ArgumentError: a bad ``which``, ``method``, ``num``, ``steps`` or ``guidance``;
-        ``str(error)`` names the argument.
+      ArgumentError: a bad ``which``, ``method``, ``num``, ``steps``, ``batch_size``,
+        ``guidance`` or ``samples_dir`` (not writable); ``str(error)`` names the argument.
       FileNotFoundError: no such workdir, no checkpoint, reference statistics or Inception
         weights.
       ValueError: the run's data are not images; the statistics or weights are not a readable
@@ -168,8 +190,12 @@ def fid_from_workdir(
     sampling.check_method(method)
     if num < 2:
         raise options.ArgumentError("num", f"{{name}} must be >= 2 for a covariance, got {num}.")
+    if batch_size is not None and batch_size < 1:
+        raise options.ArgumentError("batch_size", f"{{name}} must be >= 1, got {batch_size}.")
     # Fail on missing inputs and impossible requests before sampling for hours.
     checkpoint_dir(workdir)
+    if samples_dir is not None:
+        check_writable(samples_dir, "samples_dir", directory=True)
     ref_mu, ref_sigma = fid.load_statistics(ref_stats_path)
     variables = load_inception_variables(inception_weights)
     saved_config = read_run_config(workdir, checkpoint_step)
@@ -182,27 +208,55 @@ def fid_from_workdir(
     if info.kind != "image":
         raise ValueError(f"FID needs an image model; {config.data.name!r} is {info.kind} data.")
     labels = cycled_labels(config, info, num)
-    start = time.time()
-    samples = sampling.generate_from_run(
-        run,
+    batch_size = min(num, 64) if batch_size is None else batch_size
+    batch_size = -(-batch_size // run.mesh.size) * run.mesh.size
+    batches = generate_batches(
+        run.config,
+        run.model,
+        run.schedule,
+        run.params,
+        run.data_shape,
         num=num,
         batch_size=batch_size,
         seed=seed,
         method=method,
         num_steps=steps,
         eta=eta,
+        is_image=True,
         labels=labels,
+        null_label=info.num_classes,
         guidance_scale=guidance,
-        progress=progress,
+        mesh=run.mesh,
+        progress=progress and jax.process_index() == 0,
     )
-    sampling_seconds = time.time() - start
-    pool, logits = fid.FeatureExtractor(variables, batch_size=inception_batch_size, mesh=run.mesh)(
-        to_uint8(samples)
-    )
-    score, score_std = fid.inception_score(logits, fid.default_num_splits(num))
+    extract = fid.FeatureExtractor(variables, batch_size=inception_batch_size, mesh=run.mesh)
+    statistics = fid.RunningStatistics(inception.FEATURE_DIM)
+    score = fid.RunningInceptionScore(num, fid.default_num_splits(num))
+
+    def score_images(images: np.ndarray) -> None:
+        pool, logits = extract(images)
+        statistics.update(pool)
+        score.update(logits)
+
+    start_time = time.time()
+    pending = np.zeros((0, *run.data_shape), np.uint8)  # fewer than one Inception batch
+    for start, samples in batches:
+        images = to_uint8(samples)
+        if samples_dir is not None and jax.process_index() == 0:
+            _write_shard(samples_dir, start, images, labels)
+        pending = np.concatenate([pending, images])
+        # Whole Inception batches now, the rest with the next sampler batch (no padding).
+        cut = len(pending) // extract.batch_size * extract.batch_size
+        if cut:
+            score_images(pending[:cut])
+            pending = pending[cut:]
+    if len(pending):
+        score_images(pending)
+    seconds = time.time() - start_time
+    score_mean, score_std = score.result()
     result = {
-        "fid": fid.frechet_distance(*fid.compute_statistics(pool), ref_mu, ref_sigma),
-        "inception_score": score,
+        "fid": fid.frechet_distance(*statistics.statistics(), ref_mu, ref_sigma),
+        "inception_score": score_mean,
         "inception_score_std": score_std,
         "num": num,
         "step": run.step,
@@ -213,8 +267,11 @@ def fid_from_workdir(
         "seed": seed,
         "guidance": guidance,
         "ref": os.path.abspath(ref_stats_path),
-        "sampling_seconds": round(sampling_seconds, 1),
+        # Sampling and Inception interleave: the wall time of both.
+        "seconds": round(seconds, 1),
     }
+    if samples_dir is not None:
+        result["samples_dir"] = os.path.abspath(samples_dir)
     name = f"fid_{which}_{method}{steps}_n{num}_seed{seed}.json"
     result["json"] = os.path.join(workdir, "eval", name)
     if jax.process_index() == 0:
@@ -222,3 +279,11 @@ def fid_from_workdir(
         with open(result["json"], "w") as file:
             json.dump(result, file, indent=2)
     return result
+
+
+def _write_shard(folder: str, start: int, images: np.ndarray, labels: np.ndarray | None) -> None:
+    """One sampler batch as ``folder/samples_{start:07d}.npz`` (uint8 ``images``, ``labels``)."""
+    os.makedirs(folder, exist_ok=True)
+    extra = {} if labels is None else {"labels": labels[start : start + len(images)]}
+    path = os.path.join(folder, f"samples_{start:07d}.npz")
+    np.savez(path, images=images, **extra)

@@ -9,7 +9,7 @@ seed gives the same samples whatever the batch size or device count.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -26,6 +26,7 @@ from diffusion_jax.train import sharding
 __all__ = [
     "cycled_labels",
     "generate",
+    "generate_batches",
     "to_uint8",
     "write_samples",
     "write_training_samples",
@@ -69,7 +70,8 @@ def generate(
     mesh: jax.sharding.Mesh | None = None,
     progress: bool = False,
 ) -> np.ndarray:
-    """Draws ``num`` samples in batches of ``batch_size``, each batch split over ``mesh``.
+    """Draws ``num`` samples in batches of ``batch_size``, each batch split over ``mesh``, and
+    returns them all (:func:`generate_batches` hands them over one batch at a time).
 
     Args:
       config: the run's config (its ``diffusion`` section says how the model was trained).
@@ -93,6 +95,69 @@ def generate(
 
     Raises:
       ArgumentError: ``batch_size`` is not a positive multiple of the mesh size.
+    """
+    batches = generate_batches(
+        config,
+        model,
+        schedule,
+        params,
+        data_shape,
+        num=num,
+        batch_size=batch_size,
+        seed=seed,
+        method=method,
+        num_steps=num_steps,
+        is_image=is_image,
+        eta=eta,
+        labels=labels,
+        null_label=null_label,
+        guidance_scale=guidance_scale,
+        mesh=mesh,
+        progress=progress,
+    )
+    return np.concatenate([samples for _, samples in batches], axis=0)
+
+
+def generate_batches(
+    config: ml_collections.ConfigDict,
+    model,
+    schedule,
+    params: Any,
+    data_shape: Sequence[int],
+    *,
+    num: int,
+    batch_size: int,
+    seed: int,
+    method: options.SamplerMethod,
+    num_steps: int,
+    is_image: bool,
+    eta: float = 0.0,
+    labels: np.ndarray | None = None,
+    null_label: int | None = None,
+    guidance_scale: float | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    progress: bool = False,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """The samples of :func:`generate`, one batch at a time, for callers that must not hold
+    all ``num`` of them (FID over 50,000 images of 256x256).
+
+    Takes the arguments of :func:`generate` and checks them when called (not on the first
+    ``next``). Only one batch lives on the host at a time unless the caller keeps them; the
+    concatenated batches equal :func:`generate`'s result.
+
+    Returns:
+      An iterator of ``(start, samples)``: ``samples`` float32 ``[n, *data_shape]`` are the
+      samples of run-wide indices ``start .. start + n - 1`` (``n = batch_size``, less in
+      the last batch).
+
+    Raises:
+      ArgumentError: ``batch_size`` is not a positive multiple of the mesh size.
+
+    Example:
+      >>> for start, samples in generate_batches(config, model, schedule, params, (32, 32, 3),
+      ...                                        num=50_000, batch_size=250, seed=0,
+      ...                                        method="ddim", num_steps=100, is_image=True):
+      ...     features.update(to_uint8(samples))  # doctest: +SKIP
     """
     mesh = sharding.make_mesh() if mesh is None else mesh
     if batch_size < 1 or batch_size % mesh.size:
@@ -131,22 +196,22 @@ def generate(
             first_index=first_index,
         )
 
-    chunks = []
-    starts = range(0, num, batch_size)
-    for start in tqdm(starts, disable=not progress, unit="batch", desc="sampling"):
-        batch_labels = None
-        if labels is not None:
-            batch_labels = np.zeros((batch_size,), np.int32)
-            part = labels[start : start + batch_size]
-            batch_labels[: len(part)] = part
-            host_labels = batch_labels
-            batch_labels = jax.make_array_from_callback(
-                host_labels.shape, out_sharding, lambda index, a=host_labels: a[index]
-            )
-        # first_index is a traced value: one compilation serves every batch.
-        samples = draw(params, batch_labels, jnp.int32(start))
-        chunks.append(sharding.to_host(samples)[: num - start])
-    return np.concatenate(chunks, axis=0)
+    def batches() -> Iterator[tuple[int, np.ndarray]]:
+        starts = range(0, num, batch_size)
+        for start in tqdm(starts, disable=not progress, unit="batch", desc="sampling"):
+            batch_labels = None
+            if labels is not None:
+                host_labels = np.zeros((batch_size,), np.int32)
+                part = labels[start : start + batch_size]
+                host_labels[: len(part)] = part
+                batch_labels = jax.make_array_from_callback(
+                    host_labels.shape, out_sharding, lambda index, a=host_labels: a[index]
+                )
+            # first_index is a traced value: one compilation serves every batch.
+            samples = draw(params, batch_labels, jnp.int32(start))
+            yield start, sharding.to_host(samples)[: num - start]
+
+    return batches()
 
 
 def write_samples(samples: np.ndarray, out: str, *, is_image: bool, data=None) -> str:
