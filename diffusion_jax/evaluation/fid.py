@@ -5,7 +5,9 @@ Inception (:mod:`diffusion_jax.models.inception`), the Frechet distance between 
 to them in float64 (Heusel et al., 2017), and the Inception Score of Salimans et al. (2016) over
 the 1008 logits without the classifier's bias (as their code and torch-fidelity compute it),
 in 10 splits. Statistics files hold ``mu`` and ``sigma`` under pytorch-fid's and TTUR's keys,
-so their reference statistics files can be read too.
+so their reference statistics files can be read too. Both can be accumulated batch by batch
+(:class:`RunningStatistics`, :class:`RunningInceptionScore`), so scoring 50,000 images needs no
+more memory than scoring one batch.
 
 The Inception weights are never downloaded at run time. Once, on a machine with internet,
 fetch pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth`` (:data:`TORCH_WEIGHTS_URL`) and
