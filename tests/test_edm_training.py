@@ -23,7 +23,7 @@ from configs import digits_edm
 from diffusion_jax import models, schedules, train
 from diffusion_jax.data import digits as digits_data
 from diffusion_jax.diffusion import edm
-from diffusion_jax.evaluation import digits_check
+from diffusion_jax.evaluation import digits_check, likelihood
 from diffusion_jax.losses import edm as edm_losses
 from diffusion_jax.models.preconditioned import Preconditioned, make_denoise_fn
 from diffusion_jax.train import config as config_lib
@@ -246,7 +246,8 @@ def test_digits_edm_config_is_valid_and_edm():
 
 
 def test_edm_run_end_to_end_resume_and_sample_with_heun(tmp_path):
-    """A few EDM steps through train_and_evaluate, resumed, then sample.py --method heun."""
+    """A few EDM steps through train_and_evaluate, resumed, then sample.py --method heun and
+    the bound."""
     workdir = tmp_path / "run"
     config = tiny_edm(train__num_steps=6, train__checkpoint_every=3, train__eval_every=3)
     state = train.train_and_evaluate(config, str(workdir))
@@ -273,6 +274,11 @@ def test_edm_run_end_to_end_resume_and_sample_with_heun(tmp_path):
     with np.load(out / "samples.npz") as npz:
         samples = next(npz[k] for k in npz.files if npz[k].dtype.kind == "f")
     assert samples.shape == (16, 2) and np.all(np.isfinite(samples))
+    # The bound of the discrete chain the x0 view defines (README, "EDM training").
+    bound = likelihood.nll_from_workdir(
+        str(workdir), split="test", num=16, batch_size=16, write=False, progress=False
+    )
+    assert bound["parameterization"] == "x0" and np.isfinite(bound["total_nats"])
 
 
 def test_digits_frechet_distance_in_pca_space():

@@ -24,9 +24,19 @@ import jax.numpy as jnp
 
 from diffusion_jax.models.layers import timestep_embedding
 from diffusion_jax.models.mlp import MLP
+from diffusion_jax.models.preconditioned import Preconditioned, make_denoise_fn
 from diffusion_jax.models.unet import UNet
 
-__all__ = ["MLP", "UNet", "example_inputs", "get_model", "make_model_fn", "timestep_embedding"]
+__all__ = [
+    "MLP",
+    "Preconditioned",
+    "UNet",
+    "example_inputs",
+    "get_model",
+    "make_denoise_fn",
+    "make_model_fn",
+    "timestep_embedding",
+]
 
 _MODELS: dict[str, type[nn.Module]] = {"unet": UNet, "mlp": MLP}
 
