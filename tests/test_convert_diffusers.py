@@ -251,10 +251,14 @@ def test_small_networks_match_diffusers(tmp_path, name, unet_config):
     assert_same_output(ours, theirs)
 
 
-def test_cifar10_at_full_size_matches_diffusers(tmp_path):
-    model = save_hub(tmp_path, CIFAR10)
+def test_cifar10_at_full_size_matches_diffusers():
+    # The hub files are tested on the small layouts; here the state dict goes in directly.
+    model = randomise(diffusers.UNet2DModel(**CIFAR10))
     assert sum(p.numel() for p in model.parameters()) == 35_746_307  # DDPM's 35.7M
-    config, params, shape = convert(tmp_path)
+    config = from_diffusers.build_config(CIFAR10, DDPM_SCHEDULER, dataset="cifar10")
+    shape = (32, 32, 3)
+    state = {k: v.numpy() for k, v in model.state_dict().items()}
+    params = from_diffusers.convert_state_dict(state, config, shape)
     assert sum(v.size for v in jax.tree.leaves(params)) == 35_746_307
     x = jnp.asarray(np.random.default_rng(2).standard_normal((1, *shape)), jnp.float32)
     ours, theirs = outputs(model, config, params, shape, x, np.array([517]))
@@ -336,10 +340,16 @@ def test_scheduler_tables_match_diffusers(scheduler_config):
 
 @pytest.fixture(scope="module")
 def tiny_release(tmp_path_factory):
-    """A small CIFAR-10-layout model with a 10-step cosine scheduler, saved in the hub layout."""
+    """A two-level model in the releases' conventions with a 10-step cosine scheduler, saved in
+    the hub layout: the smallest network for the tests that compile a sampler."""
     folder = tmp_path_factory.mktemp("tiny_release")
     scheduler = {**DDPM_SCHEDULER, "beta_schedule": "squaredcos_cap_v2", "num_train_timesteps": 10}
-    model = save_hub(folder, small(CIFAR10, size=8, channels=(8, 8, 8, 8)), scheduler, seed=3)
+    unet = {
+        **small(CIFAR10, size=8, channels=(8, 8)),
+        "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+        "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+    }
+    model = save_hub(folder, unet, scheduler, seed=3)
     return folder, model, scheduler
 
 
