@@ -339,7 +339,7 @@ def build_config(flags: Flags, dataset: str | None = None) -> ml_collections.Con
     Args:
       flags: their flags.
       dataset: ``config.data.name`` (what the bound and FID evaluate on); default ``cifar10``
-        for their 32x32 models (CIFAR-10's), else ``converted``.
+        for their unconditional 32x32 models (CIFAR-10's), else ``converted``.
 
     Raises:
       ValueError: if the config does not validate (e.g. a schedule that does not reach noise).
@@ -350,7 +350,8 @@ def build_config(flags: Flags, dataset: str | None = None) -> ml_collections.Con
     for name, value in diffusion_fields(flags).items():
         config.diffusion[name] = value
     if dataset is None:
-        dataset = "cifar10" if flags.image_size == 32 else "converted"
+        cifar10 = flags.image_size == 32 and not flags.class_cond
+        dataset = "cifar10" if cifar10 else "converted"
     config.data.name = dataset
     config.data.image_size = flags.image_size
     config.train.sample_steps = min(config.train.sample_steps, flags.diffusion_steps)
