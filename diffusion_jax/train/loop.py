@@ -32,6 +32,7 @@ from diffusion_jax.train import (
     monitor,
     periodic,
     preemption,
+    prefetch,
     preflight,
     resume,
     sharding,
@@ -124,6 +125,9 @@ def _train(
             metrics_lib.MetricsWriter(workdir, enabled=is_chief) as writer,
             _progress(t.num_steps, step, enabled=is_chief and t.progress_bar) as progress,
             preemption.StopFlag() as stop,
+            # From here on only the prefetcher reads train_iter; its state is the position of
+            # the last batch a step consumed, which is what a checkpoint must hold.
+            _prefetcher(config, train_iter, mesh) as batches,
         ):
             # Resumed after a kill between a checkpoint and its step's evaluation or grid: redo
             # them (an evaluation already in metrics.jsonl is not written twice).
@@ -132,7 +136,7 @@ def _train(
             if 0 < step < t.num_steps and periodic.itstime(step, t.sample_every, t.num_steps):
                 _write_samples(config, run, state.ema_params, workdir, step, mesh)
             while step < t.num_steps and not stopped:
-                state, out = run.train_step(state, sharding.global_batch(next(train_iter), mesh))
+                state, out = run.train_step(state, next(batches))
                 step += 1
                 window.add(step, out)
                 progress.update(1)
@@ -140,7 +144,7 @@ def _train(
                     _log(step, t.num_steps, window.flush(), writer, progress)
                 stopped = stop.signal is not None  # read once: a save always precedes the stop
                 if periodic.itstime(step, t.checkpoint_every, t.num_steps, last=True) or stopped:
-                    _save(ckpt, step, state, train_iter, config_dict)
+                    _save(ckpt, step, state, batches, config_dict)
                 if stopped:
                     break
                 if periodic.itstime(step, t.eval_every, t.num_steps):
@@ -153,7 +157,7 @@ def _train(
                 )
                 raise preemption.Preempted(stop.signal, step)
             if ckpt.latest_step() != step:  # checkpoint_every = 0: nothing saved yet
-                _save(ckpt, step, state, train_iter, config_dict)
+                _save(ckpt, step, state, batches, config_dict)
             _write_samples(config, run, state.ema_params, workdir, step, mesh)
     return state
 
@@ -205,11 +209,11 @@ def _save(
     ckpt: checkpoint_lib.CheckpointManager,
     step: int,
     state: TrainState,
-    train_iter: data.BatchIterator,
+    batches: prefetch.DevicePrefetcher,
     config_dict: dict,
 ) -> None:
-    """Checkpoints the state with the data iterator's position and the config."""
-    data_state = train_iter.get_state()
+    """Checkpoints the state with the position of the last batch consumed and the config."""
+    data_state = batches.get_state()
     ckpt.save(step, state.to_dict(), data_state=data_state, config=config_dict, force=True)
 
 
@@ -226,6 +230,16 @@ def _write_samples(
         generate.write_training_samples(
             config, run.model, run.schedule, params, run.info, run.data_shape, workdir, step, mesh
         )
+
+
+def _prefetcher(
+    config: ml_collections.ConfigDict, train_iter: data.BatchIterator, mesh: jax.sharding.Mesh
+) -> prefetch.DevicePrefetcher:
+    """The global batches of ``train_iter``, placed on ``mesh`` up to ``data.prefetch`` ahead
+    of the step by a background thread (:mod:`~diffusion_jax.train.prefetch`)."""
+    return prefetch.DevicePrefetcher(
+        train_iter, lambda batch: sharding.global_batch(batch, mesh), size=config.data.prefetch
+    )
 
 
 def _iterator(config: ml_collections.ConfigDict, *, train: bool) -> data.BatchIterator:
