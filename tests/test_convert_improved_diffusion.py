@@ -333,6 +333,7 @@ def test_flag_syntax_follows_their_argparse():
         ("--num_heads_upsample 1", "--num_heads_upsample"),
         ("--timestep_respacing 250", "--timestep_respacing"),
         ("--noise_schedule sqrt", "--noise_schedule"),
+        ("--diffusion_steps 20", "--diffusion_steps"),
         ("--num_channels 100", "--num_channels"),
         ("--num_channels 96 --num_heads 5", "--num_heads"),
         ("--attention_resolutions 16,x", "--attention_resolutions"),

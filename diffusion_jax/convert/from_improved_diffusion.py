@@ -46,23 +46,29 @@ in, out]``, linear and 1x1 weights ``[out, in]`` become ``[in, out]``):
 - The diffusion: ``--noise_schedule`` cosine or linear at ``--diffusion_steps`` (our
   ``scale_to_num_timesteps`` linear is their ``1000 / T``-scaled range; the cosine is theirs
   with ``s = 0.008`` and betas capped at 0.999); ``--learn_sigma`` -> ``learned_range``, else
-  ``--sigma_small`` -> ``fixed_small`` / ``fixed_large``; ``--predict_xstart`` -> ``x0``, else
+  ``fixed_large`` (``fixed_small`` with ``--sigma_small``); ``--predict_xstart`` -> ``x0``, else
   ``eps``; ``--use_kl`` -> loss ``vlb`` (their RESCALED_KL), else ``hybrid`` with a learned
   variance (their RESCALED_MSE, ``mse + vb * T / 1000``) or ``simple``. With
   ``--rescale_learned_sigmas False`` and a learned variance they train ``mse + vb`` unscaled;
   ours has no such weighting, so the config says ``hybrid`` and the difference matters only
   when training the converted model further (sampling and the bound are unaffected).
+  ``config.data.name`` (what the bound and FID evaluate on) is ``--dataset``, by default
+  ``cifar10`` for an unconditional 32x32 model, else ``converted``.
+
+Their super-resolution model (``SuperResModel``, flags ``--large_size``/``--small_size``) is
+not supported: its flags are refused as unknown.
 
 What the tests (``tests/test_convert_improved_diffusion.py``) prove, and what they do not:
 they enumerate, independently of this module and from a reading of their ``unet.py``, every
-key and shape of the state dict for the published CIFAR-10 and ImageNet-64 flag sets, and
-check that the mapping uses each key exactly once, that every shape matches, and that the
-result has exactly the parameter shapes of our U-Net built from the converted config. On
-small flag sets they check our converted U-Net's output against a float64 NumPy forward pass
-of their network, written from their ``unet.py``/``nn.py`` and run on their (torch-layout)
-state dict. They do **not** run improved-diffusion's own code (it is not installable here) or
-its published weights, so a misreading of their code shared by the mapping and the
-reference would go unseen.
+key and shape of the state dict for the published CIFAR-10 and ImageNet-64 flag sets (52.5M
+and 121M parameters), and check that the mapping uses each key exactly once, that every shape
+matches, and that the result has exactly the parameter shapes of our U-Net built from the
+converted config; that our betas equal their ``get_named_beta_schedule``'s in float32; and, on
+small flag sets with random weights, that our converted U-Net's output equals a float64 NumPy
+forward pass of their network (written from their ``unet.py``/``nn.py``, run on their
+torch-layout state dict) to 1e-4 of its scale. They do **not** run improved-diffusion's own
+code (it is not installable here) or its published weights, so a misreading of their code
+shared by the mapping and the reference would go unseen.
 """
 
 from __future__ import annotations
@@ -249,6 +255,11 @@ def _check_flags(flags: Flags) -> None:
         raise ValueError(
             f"--noise_schedule {flags.noise_schedule!r}: improved-diffusion has 'linear' and "
             "'cosine'."
+        )
+    if flags.noise_schedule == "linear" and 0.02 * 1000 / flags.diffusion_steps >= 1:
+        raise ValueError(
+            f"--diffusion_steps {flags.diffusion_steps}: their linear schedule scaled by "
+            "1000 / T has betas of 1 or more below T = 21 (their code refuses it too)."
         )
     if flags.timestep_respacing:
         raise ValueError(
