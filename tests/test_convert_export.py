@@ -10,6 +10,8 @@ mapping (a transposed kernel, a swapped half, a wrong epsilon or padding) errs b
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 
 import jax
@@ -17,8 +19,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+import safetensors.numpy
 
-from diffusion_jax.convert import to_diffusers
+from diffusion_jax.convert import __main__ as convert_main
+from diffusion_jax.convert import from_diffusers, to_diffusers
 from diffusion_jax.train import checkpoint as checkpoint_lib
 from diffusion_jax.train import config as config_lib
 
@@ -61,8 +65,8 @@ def random_params(config, num_classes: int | None, channels: int = 3, seed: int 
         noise = rng.standard_normal(leaf.shape).astype(np.float32)
         name = path[-1].key
         if name == "kernel":
-            return noise / np.sqrt(np.prod(leaf.shape[:-1]))
-        return 1 + 0.1 * noise if name == "scale" else 0.1 * noise
+            return noise / np.float32(np.sqrt(np.prod(leaf.shape[:-1])))
+        return 1 + np.float32(0.1) * noise if name == "scale" else np.float32(0.1) * noise
 
     return model, jax.tree_util.tree_map_with_path(draw, shapes)
 
@@ -117,6 +121,18 @@ MODELS = {
             "model__class_conditional": True,
         },
         5,
+    ),
+    # improved-diffusion's network options: symmetric padding, [cos, sin] embedding without the
+    # frequency shift, GroupNorm epsilon 1e-5, heads of a fixed width.
+    "improved": (
+        {
+            "model__downsample_padding": "symmetric",
+            "model__flip_sin_to_cos": True,
+            "model__freq_shift": 0.0,
+            "model__norm_eps": 1e-5,
+            "model__head_dim": 8,
+        },
+        None,
     ),
     # BigGAN-style resampling inside ResNet blocks.
     "resblock_updown": ({"model__resblock_updown": True, "model__conv_resample": False}, None),
@@ -195,3 +211,119 @@ def test_scheduler_fields():
     config.diffusion.parameterization, config.diffusion.variance = "x0", "fixed_large"
     fields = to_diffusers.scheduler_config(config)
     assert (fields["prediction_type"], fields["variance_type"]) == ("sample", "fixed_large")
+
+
+# A model for the round trip with most options away from their defaults; the importer takes
+# no class embeddings and no resampling ResNet blocks, so those stay off.
+ROUND_TRIP = {
+    **MODELS["improved"][0],
+    "model__use_scale_shift_norm": True,
+    "model__attn_resolutions": (8, 4),
+    "diffusion__variance": "learned_range",
+    "diffusion__parameterization": "v",
+    "diffusion__num_timesteps": 1000,  # DDPM's beta range, which diffusers names exactly
+}
+
+
+def read_export(folder) -> tuple[dict, dict, dict]:
+    """(unet config, scheduler config, weights) of an exported folder."""
+    with open(folder / "unet" / "config.json") as f:
+        unet = json.load(f)
+    with open(folder / "scheduler" / "scheduler_config.json") as f:
+        scheduler = json.load(f)
+    weights = safetensors.numpy.load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
+    return unet, scheduler, weights
+
+
+def test_round_trip_through_the_importer_and_the_cli(tmp_path, capsys):
+    """Ours -> diffusers -> ours (the importer, from_diffusers, writes a workdir) -> diffusers
+    again with the command line: the same parameter bits and config at every stage, and
+    ``DDPMPipeline`` loads and runs the result."""
+    config = tiny_config(**ROUND_TRIP)
+    _, params = random_params(config, None)
+    first = tmp_path / "first"
+    to_diffusers.export(params, config, first, sample_size=16)
+    args = argparse.Namespace(src=str(first), unet=None, scheduler=None, dataset=None)
+    args.out = str(tmp_path / "imported")
+    workdir = from_diffusers.run(args)
+
+    imported = checkpoint_lib.restore_params(os.path.join(workdir, "checkpoints"), None)
+    ours = jax.tree_util.tree_flatten_with_path(params)[0]
+    theirs = dict(jax.tree_util.tree_flatten_with_path(imported)[0])
+    assert len(theirs) == len(ours)
+    for path, leaf in ours:
+        np.testing.assert_array_equal(np.asarray(theirs[path]), np.asarray(leaf), str(path))
+    saved = checkpoint_lib.read_config(os.path.join(workdir, "checkpoints"))
+    config_back, expected = ml_collections.ConfigDict(saved), config_lib.config_to_dict(config)
+    for field, value in expected["model"].items():
+        assert saved["model"][field] == value, field
+    for field in ("num_timesteps", "schedule", "parameterization", "variance", "clip_x0"):
+        assert config_back.diffusion[field] == config.diffusion[field], field
+    np.testing.assert_array_equal(
+        config_lib.build_schedule(config_back).betas, config_lib.build_schedule(config).betas
+    )
+
+    second = tmp_path / "second"
+    argv = ["to-diffusers", "--workdir", workdir, "--out", str(second)]
+    assert convert_main.main(argv) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {second}"
+    (unet1, scheduler1, weights1), (unet2, scheduler2, weights2) = map(read_export, (first, second))
+    assert unet2 == unet1 and scheduler2 == scheduler1 and weights2.keys() == weights1.keys()
+    for key in weights1:
+        np.testing.assert_array_equal(weights2[key], weights1[key], key)
+
+    with open(second / "model_index.json") as f:
+        assert json.load(f)["_class_name"] == "DDPMPipeline"
+    pipeline = diffusers.DDPMPipeline.from_pretrained(second)
+    images = pipeline(
+        batch_size=2, num_inference_steps=2, generator=torch.manual_seed(0), output_type="np"
+    ).images
+    assert images.shape == (2, 16, 16, 3) and np.all((images >= 0) & (images <= 1))
+
+    # A second export into the same folder is refused, naming the flag.
+    capsys.readouterr()
+    assert convert_main.main(argv) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: --out ") and "not empty" in error and error.count("\n") == 1
+
+
+def test_cli_exports_the_requested_params(tmp_path):
+    config = tiny_config()
+    _, ema = random_params(config, None, seed=1)
+    _, raw = random_params(config, None, seed=2)
+    workdir = write_workdir(tmp_path / "run", config, ema, raw_params=raw)
+    out = tmp_path / "raw"
+    argv = ["to-diffusers", "--workdir", workdir, "--out", str(out), "--params", "raw"]
+    assert convert_main.main(argv) == 0
+    _, _, written = read_export(out)
+    expected = to_diffusers.unet_state_dict(raw, len(config.model.ch_mult))
+    assert written.keys() == expected.keys()
+    for key in expected:
+        np.testing.assert_array_equal(written[key], expected[key], err_msg=key)
+
+
+REFUSALS = {
+    "model.name": {"model__name": "mlp"},
+    "diffusion.formulation": {"diffusion__formulation": "edm"},
+    "model.conv_resample": {"model__conv_resample": False},
+    "model.timestep_scale": {"model__timestep_scale": 0.25},
+    # Two heads of widths 16 (level 0) and 32 (the middle): no single head width.
+    "model.num_heads": {"model__num_heads": 2, "model__attn_resolutions": (16,)},
+}
+
+
+@pytest.mark.parametrize("field", list(REFUSALS))
+def test_refusals_name_the_field(field):
+    config = tiny_config(**REFUSALS[field])
+    with pytest.raises(ValueError) as error:
+        to_diffusers.check_exportable(config, 16)
+    message = str(error.value)
+    assert message.startswith(f"config.{field} = ") and "\n" not in message
+
+
+def test_refuses_a_sample_size_the_parameters_contradict():
+    config = tiny_config()
+    _, params = random_params(config, None)
+    with pytest.raises(ValueError, match=r"^config.data.image_size = 32 .*--sample_size") as error:
+        to_diffusers.unet_config(config, params, 32)  # would put attention one level lower
+    assert "\n" not in str(error.value)

@@ -10,8 +10,8 @@ writes ``DIR/unet/config.json``, ``DIR/unet/diffusion_pytorch_model.safetensors`
 ``diffusers.DDPMPipeline.from_pretrained(DIR)`` (or ``UNet2DModel.from_pretrained(DIR,
 subfolder="unet")``) loads the run. The weights are written with ``safetensors.numpy``: no torch
 is needed to export. The EMA parameters are exported by default (``--params raw`` for the
-trained ones); ``--sample_size`` gives the image size when neither ``config.data.image_size``
-nor the dataset (prepared on this machine) tells it.
+trained ones); ``--sample_size`` gives the image size when neither ``config.data.image_size``,
+a converted workdir's ``data_info.json`` nor the dataset (prepared on this machine) tells it.
 
 How the config maps (our field -> diffusers):
 
@@ -34,12 +34,14 @@ How the config maps (our field -> diffusers):
   ``clip_x0`` -> ``clip_sample`` (range 1); the schedule -> ``beta_schedule`` linear,
   scaled_linear (our quadratic), sigmoid or squaredcos_cap_v2 (our cosine) with the (scaled)
   beta range, or ``trained_betas`` (our float64 betas) where diffusers' formula would differ:
-  zero terminal SNR, or betas capped at 0.999 by the scaling to a small T.
+  explicit ``diffusion.betas`` (a converted published schedule), zero terminal SNR, or betas
+  capped at 0.999 by the scaling to a small T.
 - ``remat``, ``train.compute_dtype``, the loss, the optimiser and the data pipeline do not
   change the function the network computes and are not exported.
 
 Refused, each with one line naming the config field and its value: ``model.name = 'mlp'``
-(diffusers has no such network), ``model.conv_resample = False`` without ``resblock_updown``
+(diffusers has no such network), ``diffusion.formulation = 'edm'`` (no EDM preconditioning in
+``UNet2DModel``), ``model.conv_resample = False`` without ``resblock_updown``
 (diffusers' blocks always resample with convolutions), ``model.timestep_scale != 1``
 (``UNet2DModel`` cannot scale its timesteps), ``model.num_heads > 1`` without ``head_dim`` when
 the attention blocks differ in width (diffusers fixes the head width, not the head count), and a
@@ -65,7 +67,7 @@ from safetensors.numpy import save_file
 
 from diffusion_jax import data, options, schedules
 from diffusion_jax.evaluation.outputs import check_writable
-from diffusion_jax.evaluation.runs import checkpoint_dir
+from diffusion_jax.evaluation.runs import checkpoint_dir, read_data_info
 from diffusion_jax.train import checkpoint as checkpoint_lib
 
 __all__ = [
@@ -126,6 +128,13 @@ def check_exportable(config: ml_collections.ConfigDict, sample_size: int) -> int
     m = config.model
     if m.get("name", "unet") != "unet":
         raise _refuse("model.name", m.name, "only the U-Net has a diffusers counterpart.")
+    formulation = config.diffusion.get("formulation", "ddpm")
+    if formulation != "ddpm":
+        raise _refuse(
+            "diffusion.formulation",
+            formulation,
+            "UNet2DModel has no EDM preconditioning (c_in, c_skip, c_out, c_noise).",
+        )
     timestep_scale = float(m.get("timestep_scale", 1.0))
     if timestep_scale != 1.0:
         raise _refuse(
@@ -260,7 +269,9 @@ def scheduler_config(config: ml_collections.ConfigDict) -> dict:
     beta_start, beta_end = (b * factor for b in _DDPM_BETA_RANGE)
     capped = d.schedule != "cosine" and bool(np.any(betas >= _MAX_BETA))
     table = {}
-    if zero_terminal_snr or capped:
+    if d.get("betas") is not None:  # a converted published schedule, given explicitly
+        table = {"trained_betas": [float(b) for b in d.betas]}
+    elif zero_terminal_snr or capped:
         # diffusers reads them as float32, as our tables store them.
         if zero_terminal_snr:
             betas = schedules.rescale_zero_terminal_snr(betas)
@@ -444,22 +455,28 @@ def _plain(tree: Any) -> Any:
     return np.asarray(tree)
 
 
-def _sample_size(config: ml_collections.ConfigDict, requested: int | None) -> int:
-    """The trained image size: ``requested``, else the config's, else the dataset's."""
+def _sample_size(workdir: str, config: ml_collections.ConfigDict, requested: int | None) -> int:
+    """The trained image size: ``requested``, else the config's, else the workdir's recorded
+    data shape, else the dataset's."""
     if requested is not None:
         if requested < 1:
             raise options.ArgumentError(
-                "sample_size", "{name} must be a positive image size, got {value}.", value=requested
+                "--sample_size",
+                "{name} must be a positive image size, got {value}.",
+                value=requested,
             )
         return int(requested)
     if config.data.get("image_size", 0):
         return int(config.data.image_size)
+    recorded = read_data_info(workdir, config)  # a converted workdir's data_info.json
+    if recorded is not None:
+        return int(recorded.shape[0])
     try:
         info = data.get_dataset_info(config.data.name, data_dir=config.data.data_dir or None)
         size = info.element_shape(None)[0]
     except Exception as error:  # not prepared here, unknown, mixed sizes: the user knows
         raise options.ArgumentError(
-            "sample_size",
+            "--sample_size",
             "cannot tell the trained image size from dataset {dataset!r} ({error}); pass it "
             "with {name}.",
             dataset=config.data.name,
@@ -497,10 +514,10 @@ def run(args: argparse.Namespace) -> str:
       FileNotFoundError, CheckpointError: no readable checkpoint in the workdir.
     """
     options.check("params", args.params, label="--params")
-    out = check_writable(args.out, "out", directory=True)
+    out = check_writable(args.out, "--out", directory=True)
     if os.path.isdir(out) and os.listdir(out):
         raise options.ArgumentError(
-            "out", "{name} {path} is not empty; give a new folder.", path=out
+            "--out", "{name} {path} is not empty; give a new folder.", path=out
         )
     ckpt_dir = checkpoint_dir(args.workdir)
     saved = checkpoint_lib.read_config(ckpt_dir, args.checkpoint_step, warn=False)
@@ -509,7 +526,7 @@ def run(args: argparse.Namespace) -> str:
             f"The checkpoint of {args.workdir} was saved without its config."
         )
     config = ml_collections.ConfigDict(saved)
-    sample_size = _sample_size(config, args.sample_size)
+    sample_size = _sample_size(args.workdir, config, args.sample_size)
     # Refuse an unrepresentable config before reading any array.
     check_exportable(config, sample_size)
     scheduler_config(config)
