@@ -22,7 +22,7 @@ import trainer_helpers as h
 
 from diffusion_jax.evaluation import fid, scoring
 from diffusion_jax.models import inception
-from diffusion_jax.train import checkpoint
+from diffusion_jax.train import checkpoint, generate
 from diffusion_jax.train import config as config_lib
 
 
@@ -176,3 +176,39 @@ def test_samples_dir_is_checked_before_sampling(digits_workdir, tmp_path):
             str(digits_workdir), stats, samples_dir=str(blocker), progress=False
         )
     assert raised.value.argument == "samples_dir"
+
+
+def test_timestep_spacing_reaches_the_sampler(digits_workdir, tmp_path, monkeypatch):
+    """``timestep_spacing`` changes the samples FID scores (the DDIM paper's CIFAR-10 runs used
+    ``quadratic``), they are the sampler's own, and it names the result file."""
+    monkeypatch.setattr(fid, "_features", projected_features)
+    monkeypatch.setattr(inception, "FEATURE_DIM", FEATURE_DIM)
+    monkeypatch.setattr(scoring, "load_inception_variables", lambda path=None: {})
+    rng = np.random.default_rng(3)
+    ref_stats = fid.save_statistics(
+        str(tmp_path / "ref.npz"), *fid.compute_statistics(rng.gamma(1.0, size=(64, FEATURE_DIM)))
+    )
+    settings = {"num": 8, "batch_size": 8, "method": "ddim", "steps": 3, "seed": 5}
+    images = {}
+    for spacing in ("linspace", "quadratic"):
+        out = tmp_path / spacing
+        result = scoring.fid_from_workdir(
+            str(digits_workdir), ref_stats, timestep_spacing=spacing, samples_dir=str(out),
+            progress=False, **settings,
+        )  # fmt: skip
+        assert result["timestep_spacing"] == spacing
+        images[spacing] = np.load(out / "samples_0000000.npz")["images"]
+    assert result["json"].endswith("fid_ema_ddim3_quadratic_n8_seed5.json")
+    assert not np.array_equal(images["linspace"], images["quadratic"])
+
+    run = scoring.restore_run(str(digits_workdir), which="ema")
+    expected = generate.generate(
+        run.config, run.model, run.schedule, run.params, run.data_shape, num=8, batch_size=8,
+        seed=5, method="ddim", num_steps=3, is_image=True, timestep_spacing="quadratic",
+    )  # fmt: skip
+    np.testing.assert_array_equal(images["quadratic"], generate.to_uint8(expected))
+
+    with pytest.raises(scoring.options.ArgumentError, match="timestep_spacing"):
+        scoring.fid_from_workdir(
+            str(digits_workdir), ref_stats, timestep_spacing="even", progress=False, **settings
+        )

@@ -121,12 +121,14 @@ def _fid(args: argparse.Namespace) -> None:
         method=args.method,
         steps=args.steps,
         eta=args.eta,
+        timestep_spacing=args.timestep_spacing,
         seed=args.seed,
         which=args.params,
         checkpoint_step=args.checkpoint_step,
         guidance=args.guidance,
         inception_weights=args.inception_weights,
         inception_batch_size=args.inception_batch_size,
+        samples_dir=args.samples_dir,
     )
     print(json.dumps(result))
     print(
@@ -199,6 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--method", default="ddim", help="ddpm | ddim | dpm_solver++ | heun | euler")
     fid.add_argument("--steps", type=int, default=50, help="sampler steps")
     fid.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity")
+    fid.add_argument(
+        "--timestep_spacing",
+        default="linspace",
+        help="timesteps of a shortened run: linspace | leading | trailing | quadratic",
+    )
+    fid.add_argument(
+        "--samples_dir", default=None, help="also keep the samples, one .npz shard per batch"
+    )
     fid.add_argument("--seed", type=int, default=0)
     fid.add_argument("--params", choices=("ema", "raw"), default="ema")
     fid.add_argument("--checkpoint_step", type=int, default=None)

@@ -135,6 +135,7 @@ def fid_from_workdir(
     method: str = "ddim",
     steps: int | None = 50,
     eta: float = 0.0,
+    timestep_spacing: options.Spacing = "linspace",
     seed: int = 0,
     which: options.ParamsChoice = "ema",
     checkpoint_step: int | None = None,
@@ -167,6 +168,9 @@ def fid_from_workdir(
         :func:`diffusion_jax.evaluation.sampling.sample_from_workdir` (``which``: ``"ema"`` or
         ``"raw"`` parameters; ``num`` >= 2; ``batch_size`` default ``min(num, 64)``, rounded
         up to a multiple of the device count).
+      timestep_spacing: which timesteps a shortened run visits (``linspace``, ``leading``,
+        ``trailing``, ``quadratic``; see :func:`diffusion_jax.timesteps.timesteps_for`). The
+        DDIM paper's CIFAR-10 figures used ``quadratic``.
       inception_weights: converted weights (default ``$DIFFUSION_JAX_INCEPTION_WEIGHTS``).
       inception_batch_size: images per Inception call.
       samples_dir: also keep the samples, one ``samples_{start:07d}.npz`` shard per sampler
@@ -180,13 +184,15 @@ def fid_from_workdir(
 
     Raises:
       ArgumentError: a bad ``which``, ``method``, ``num``, ``steps``, ``batch_size``,
-        ``guidance`` or ``samples_dir`` (not writable); ``str(error)`` names the argument.
+        ``guidance``, ``timestep_spacing`` or ``samples_dir`` (not writable); ``str(error)``
+        names the argument.
       FileNotFoundError: no such workdir, no checkpoint, reference statistics or Inception
         weights.
       ValueError: the run's data are not images; the statistics or weights are not a readable
         ``.npz``.
     """
     options.check("params", which, label="which")
+    options.check("timestep_spacing", timestep_spacing)
     sampling.check_method(method)
     if num < 2:
         raise options.ArgumentError("num", f"{{name}} must be >= 2 for a covariance, got {num}.")
@@ -222,6 +228,7 @@ def fid_from_workdir(
         method=method,
         num_steps=steps,
         eta=eta,
+        timestep_spacing=timestep_spacing,
         is_image=True,
         labels=labels,
         null_label=info.num_classes,
@@ -264,6 +271,7 @@ def fid_from_workdir(
         "method": method,
         "steps": steps,
         "eta": eta,
+        "timestep_spacing": timestep_spacing,
         "seed": seed,
         "guidance": guidance,
         "ref": os.path.abspath(ref_stats_path),
@@ -272,7 +280,8 @@ def fid_from_workdir(
     }
     if samples_dir is not None:
         result["samples_dir"] = os.path.abspath(samples_dir)
-    name = f"fid_{which}_{method}{steps}_n{num}_seed{seed}.json"
+    spacing = "" if timestep_spacing == "linspace" else f"_{timestep_spacing}"
+    name = f"fid_{which}_{method}{steps}{spacing}_n{num}_seed{seed}.json"
     result["json"] = os.path.join(workdir, "eval", name)
     if jax.process_index() == 0:
         os.makedirs(os.path.dirname(result["json"]), exist_ok=True)

@@ -64,6 +64,7 @@ def generate(
     num_steps: int,
     is_image: bool,
     eta: float = 0.0,
+    timestep_spacing: options.Spacing = "linspace",
     labels: np.ndarray | None = None,
     null_label: int | None = None,
     guidance_scale: float | None = None,
@@ -82,7 +83,7 @@ def generate(
       num: number of samples.
       batch_size: samples per compiled call; a multiple of the mesh size.
       seed: the samples are a function of (seed, index) alone.
-      method, num_steps, eta: see :func:`diffusion_jax.samplers.sample`.
+      method, num_steps, eta, timestep_spacing: see :func:`diffusion_jax.samplers.sample`.
       is_image: images are clipped to [-1, 1] when ``config.diffusion.clip_x0``.
       labels: ``[num]`` int labels for a class-conditional model (validated by the caller).
       null_label: the unconditional label, for guidance.
@@ -109,6 +110,7 @@ def generate(
         num_steps=num_steps,
         is_image=is_image,
         eta=eta,
+        timestep_spacing=timestep_spacing,
         labels=labels,
         null_label=null_label,
         guidance_scale=guidance_scale,
@@ -132,6 +134,7 @@ def generate_batches(
     num_steps: int,
     is_image: bool,
     eta: float = 0.0,
+    timestep_spacing: options.Spacing = "linspace",
     labels: np.ndarray | None = None,
     null_label: int | None = None,
     guidance_scale: float | None = None,
@@ -186,6 +189,7 @@ def generate_batches(
             (batch_size, *data_shape),
             method=method,
             num_steps=num_steps,
+            timestep_spacing=timestep_spacing,
             eta=eta,
             parameterization=d.parameterization,
             variance=d.variance,
