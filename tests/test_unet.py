@@ -19,6 +19,7 @@ from diffusion_jax import diffusion, losses, schedules
 from diffusion_jax.models import UNet, get_model, make_model_fn, timestep_embedding
 from diffusion_jax.models.layers import GroupNorm, avg_pool_2x, upsample_nearest_2x
 from diffusion_jax.models.unet import AttnBlock
+from diffusion_jax.train import config as config_lib
 
 TINY = dict(
     ch=8,
@@ -517,3 +518,41 @@ def test_norm_eps_and_timestep_scale():
     # timestep_scale=0.5 at t is the default network at t / 2 (even t: exact in float32).
     chex.assert_trees_all_close(run(t_even, timestep_scale=0.5), run(t_even // 2), rtol=1e-6)
     assert not np.allclose(run(t_even, timestep_scale=0.5), default, atol=1e-3)
+
+
+def test_config_passes_the_options_and_refuses_bad_values():
+    config = config_lib.default_config()
+    options = {
+        "norm_eps": 1e-5,
+        "downsample_padding": "symmetric",
+        "flip_sin_to_cos": True,
+        "freq_shift": 0.0,
+        "head_dim": 8,
+        "timestep_scale": 0.25,
+    }
+    for name, value in options.items():
+        config.model[name] = value
+    config_lib.validate_config(config)
+    model = config_lib.build_model(config, (8, 8, 1), None)
+    assert {name: getattr(model, name) for name in options} == options
+    # A config saved before the options existed builds the DDPM network.
+    old = config_lib.default_config()
+    for name in options:
+        del old.model[name]
+    defaults = config_lib.build_model(old, (8, 8, 1), None)
+    assert (defaults.norm_eps, defaults.downsample_padding, defaults.head_dim) == (
+        1e-6,
+        "same",
+        None,
+    )
+    for name, value, message in [
+        ("downsample_padding", "valid", "downsample_padding = 'valid'"),
+        ("head_dim", 0, "head_dim = 0"),
+        ("norm_eps", 0.0, "norm_eps = 0.0"),
+        ("timestep_scale", -1.0, "timestep_scale = -1.0"),
+        ("freq_shift", float("nan"), "freq_shift = nan"),
+    ]:
+        bad = config_lib.default_config()
+        bad.model[name] = value
+        with pytest.raises(ValueError, match=f"config.model.{message}"):
+            config_lib.validate_config(bad)
