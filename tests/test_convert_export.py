@@ -237,7 +237,7 @@ def read_export(folder) -> tuple[dict, dict, dict]:
 
 def test_round_trip_through_the_importer_and_the_cli(tmp_path, capsys):
     """Ours -> diffusers -> ours (the importer, from_diffusers, writes a workdir) -> diffusers
-    again with the command line: the same parameter bits and config at every stage, and
+    again with the command line: the same config and the same parameter bits, and
     ``DDPMPipeline`` loads and runs the result."""
     config = tiny_config(**ROUND_TRIP)
     _, params = random_params(config, None)
@@ -247,12 +247,6 @@ def test_round_trip_through_the_importer_and_the_cli(tmp_path, capsys):
     args.out = str(tmp_path / "imported")
     workdir = from_diffusers.run(args)
 
-    imported = checkpoint_lib.restore_params(os.path.join(workdir, "checkpoints"), None)
-    ours = jax.tree_util.tree_flatten_with_path(params)[0]
-    theirs = dict(jax.tree_util.tree_flatten_with_path(imported)[0])
-    assert len(theirs) == len(ours)
-    for path, leaf in ours:
-        np.testing.assert_array_equal(np.asarray(theirs[path]), np.asarray(leaf), str(path))
     saved = checkpoint_lib.read_config(os.path.join(workdir, "checkpoints"))
     config_back, expected = ml_collections.ConfigDict(saved), config_lib.config_to_dict(config)
     for field, value in expected["model"].items():
@@ -269,6 +263,8 @@ def test_round_trip_through_the_importer_and_the_cli(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == f"wrote {second}"
     (unet1, scheduler1, weights1), (unet2, scheduler2, weights2) = map(read_export, (first, second))
     assert unet2 == unet1 and scheduler2 == scheduler1 and weights2.keys() == weights1.keys()
+    # Each exported tensor is one parameter, transposed: equal bits here mean the imported
+    # workdir holds our parameters bit for bit.
     for key in weights1:
         np.testing.assert_array_equal(weights2[key], weights1[key], key)
 

@@ -510,8 +510,9 @@ def run(args: argparse.Namespace) -> str:
     Raises:
       ArgumentError: a bad flag (``--out`` not a new or empty folder, ``--params``,
         ``--sample_size``).
-      ValueError: a config diffusers cannot represent.
-      FileNotFoundError, CheckpointError: no readable checkpoint in the workdir.
+      ValueError: a config diffusers cannot represent, or no readable checkpoint with its
+        config in the workdir (the checkpoint reader's error, as one line).
+      FileNotFoundError: no such workdir, or no checkpoint in it.
     """
     options.check("params", args.params, label="--params")
     out = check_writable(args.out, "--out", directory=True)
@@ -520,11 +521,16 @@ def run(args: argparse.Namespace) -> str:
             "--out", "{name} {path} is not empty; give a new folder.", path=out
         )
     ckpt_dir = checkpoint_dir(args.workdir)
+    try:
+        return _export_checkpoint(ckpt_dir, args, out)
+    except checkpoint_lib.CheckpointError as error:  # a RuntimeError: one line, as ValueErrors
+        raise ValueError(str(error).splitlines()[0]) from error
+
+
+def _export_checkpoint(ckpt_dir: str, args: argparse.Namespace, out: str) -> str:
     saved = checkpoint_lib.read_config(ckpt_dir, args.checkpoint_step, warn=False)
     if saved is None:
-        raise checkpoint_lib.CheckpointError(
-            f"The checkpoint of {args.workdir} was saved without its config."
-        )
+        raise ValueError(f"The checkpoint of {args.workdir} was saved without its config.")
     config = ml_collections.ConfigDict(saved)
     sample_size = _sample_size(args.workdir, config, args.sample_size)
     # Refuse an unrepresentable config before reading any array.
