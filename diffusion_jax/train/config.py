@@ -42,6 +42,7 @@ RUN_FIELDS = (
     "data.prefetch",
     "diffusion.allow_prior_mismatch",
     "train.num_steps",
+    "train.max_seconds",
     "train.log_every",
     "train.checkpoint_every",
     "train.sample_every",
@@ -248,6 +249,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         _positive(f"train.{name}", t[name])
     for name in ("checkpoint_every", "sample_every", "eval_every", "eval_batches", "num_samples"):
         _positive(f"train.{name}", t[name], allow_zero=True)
+    _positive("train.max_seconds", t.max_seconds, allow_zero=True, finite=True)
     _choice("train.compute_dtype", t.compute_dtype, ("float32", "bfloat16"))
     _choice("train.cpu_library_fusions", t.cpu_library_fusions, ("auto", "on", "off"))
     _option("train.sample_method", t.sample_method, "method")

@@ -92,6 +92,9 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.train = train = ml_collections.ConfigDict()
     train.num_steps = 3000  # optimiser steps in all
+    # wall-clock budget in seconds, counted from the end of the first step (compilation
+    # excluded): then save a checkpoint and end as at train.num_steps; 0: no budget
+    train.max_seconds = 0.0
     train.log_every = 50  # steps between metric lines
     train.checkpoint_every = 500  # steps between checkpoints
     train.sample_every = 1000  # steps between sample grids (0: only at the end)

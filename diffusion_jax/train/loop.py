@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -22,6 +23,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from diffusion_jax import _runtime, data, schedules
@@ -64,7 +66,9 @@ def train_and_evaluate(
     ``train.eval_every`` and a sample grid every ``train.sample_every`` steps. On resumption, the
     evaluation and grid due at the restored step are done again (a kill after the checkpoint
     would otherwise lose them). The run ends with a grid. SIGTERM (or Ctrl-C) saves and raises
-    :class:`~diffusion_jax.train.preemption.Preempted`.
+    :class:`~diffusion_jax.train.preemption.Preempted`. A wall-clock budget
+    (``train.max_seconds``, counted from the end of the first step) saves too, then ends the
+    run as at ``train.num_steps`` (a grid, no exception); running again resumes it.
 
     Args:
       config: a config as declared in :mod:`diffusion_jax.train.defaults`.
@@ -135,17 +139,22 @@ def _train(
                 _evaluate(step, config, run.eval_step, state.ema_params, mesh, writer)
             if 0 < step < t.num_steps and periodic.itstime(step, t.sample_every, t.num_steps):
                 _write_samples(config, run, state.ema_params, workdir, step, mesh)
-            while step < t.num_steps and not stopped:
+            budget_start = None  # the clock of train.max_seconds starts after the first step
+            out_of_time = False
+            while step < t.num_steps and not stopped and not out_of_time:
                 state, out = run.train_step(state, next(batches))
                 step += 1
+                budget_start = budget_start or time.monotonic()
+                out_of_time = _out_of_time(budget_start, t.max_seconds, step, t.log_every)
                 window.add(step, out)
                 progress.update(1)
-                if periodic.itstime(step, t.log_every, t.num_steps, last=True):
+                if periodic.itstime(step, t.log_every, t.num_steps, last=True) or out_of_time:
                     _log(step, t.num_steps, window.flush(), writer, progress)
                 stopped = stop.signal is not None  # read once: a save always precedes the stop
-                if periodic.itstime(step, t.checkpoint_every, t.num_steps, last=True) or stopped:
+                due = periodic.itstime(step, t.checkpoint_every, t.num_steps, last=True)
+                if due or stopped or out_of_time:
                     _save(ckpt, step, state, batches, config_dict)
-                if stopped:
+                if stopped or out_of_time:
                     break
                 if periodic.itstime(step, t.eval_every, t.num_steps):
                     _evaluate(step, config, run.eval_step, state.ema_params, mesh, writer)
@@ -156,6 +165,8 @@ def _train(
                     "Signal %s: checkpoint saved at step %d; stopping.", stop.signal, step
                 )
                 raise preemption.Preempted(stop.signal, step)
+            if out_of_time:
+                logging.info("train.max_seconds = %s spent at step %d.", t.max_seconds, step)
             if ckpt.latest_step() != step:  # checkpoint_every = 0: nothing saved yet
                 _save(ckpt, step, state, batches, config_dict)
             _write_samples(config, run, state.ema_params, workdir, step, mesh)
@@ -230,6 +241,21 @@ def _write_samples(
         generate.write_training_samples(
             config, run.model, run.schedule, params, run.info, run.data_shape, workdir, step, mesh
         )
+
+
+def _out_of_time(start: float, max_seconds: float, step: int, log_every: int) -> bool:
+    """Whether ``train.max_seconds`` (0: no budget) have passed since ``start``, the end of
+    the first step. With several processes the clock of process 0 decides, read at logging
+    steps only (a broadcast is a host synchronisation), so that every process stops at the
+    same step."""
+    if not max_seconds:
+        return False
+    if jax.process_count() == 1:
+        return time.monotonic() - start >= max_seconds
+    if step % log_every:
+        return False
+    spent = np.asarray(time.monotonic() - start >= max_seconds)
+    return bool(multihost_utils.broadcast_one_to_all(spent))
 
 
 def _prefetcher(

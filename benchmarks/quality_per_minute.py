@@ -1,0 +1,449 @@
+"""Quality per minute: digits recipes trained for a fixed wall time, sampled and scored.
+
+Each recipe is a set of overrides of ``configs/digits.py`` (:data:`RECIPES`: one lever of
+issue 16 at a time: learning rate and warm-up, batch size, EMA decay and warm-up, eps/v and
+min-SNR weighting, timestep sampling, width and depth; the sampler and its steps are scored on
+the default recipe's runs, since they need no training of their own). For each (recipe, seed):
+
+1. train ``train_and_evaluate`` in this process for ``--minutes`` of wall time, counted by the
+   trainer from the end of its first step (``train.max_seconds``: compilation, data
+   preparation and the final save are outside the budget and reported as ``overhead_s``);
+   ``train.num_steps``, the length of the learning-rate schedule, is set to the steps the
+   recipe reaches in the budget, measured once per recipe by a ``--calibrate_seconds`` run
+   (or fixed with ``--schedule_steps``), so a cosine decay ends near the end of the budget;
+2. sample ``--num_samples`` digits from the EMA parameters with each of the recipe's samplers
+   (``sample.py``'s path, :func:`diffusion_jax.evaluation.sampling.sample_from_workdir`);
+3. score them as ``python -m diffusion_jax.evaluation digits`` does
+   (:func:`~diffusion_jax.evaluation.digits_check.digits_report`: the recognisable fraction,
+   i.e. confident and near a real digit, and the classes present) and by the Frechet distance
+   to the held-out digits in PCA space
+   (:func:`~diffusion_jax.evaluation.digits_check.digits_frechet_distance`, lower is better);
+4. append one JSON row per sampler to ``--results`` (default
+   ``benchmarks/results/quality_per_minute.jsonl``), with the machine's load average before
+   and after training: a wall-time study is only valid on a quiet machine.
+
+``--table`` prints the markdown table of a results file: per recipe, sampler and budget, the
+mean and the seed spread (max - min over seeds) of each figure, and the ceiling: real digits'
+own scores (the held-out digits for the check, the Frechet distance of ``--num_samples`` real
+train digits drawn with each seed, the floor a perfect generator would reach at that N).
+The diffusers peer (``benchmarks/peer_quality.py``) appends rows to the same file.
+
+Run from the repository root:
+  .venv/bin/python benchmarks/quality_per_minute.py --recipe all --seeds 0 1 --minutes 5
+  .venv/bin/python benchmarks/quality_per_minute.py --recipe default lr_2e-3 --seeds 0 1
+  .venv/bin/python benchmarks/quality_per_minute.py --table
+  .venv/bin/python benchmarks/quality_per_minute.py --list
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import ml_collections
+import numpy as np
+
+from configs import digits as digits_config
+from diffusion_jax.data import digits
+from diffusion_jax.evaluation import digits_check, sampling
+from diffusion_jax.train import config as config_lib
+from diffusion_jax.train import loop
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(REPO, "benchmarks", "results", "quality_per_minute.jsonl")
+
+# The sampler of ``make demo`` (sample.py --method ddim --steps 50): every recipe is scored with it.
+DEMO_SAMPLER = ("ddim", 50)
+# The sampler lever, scored on the default recipe's runs.
+SAMPLER_LEVER = (DEMO_SAMPLER, ("ddim", 20), ("dpm_solver++", 20), ("dpm_solver++", 10))
+
+# name -> (what it changes, dotted overrides of configs/digits.py, samplers [(method, steps)])
+RECIPES: dict[str, tuple[str, dict[str, Any], tuple[tuple[str, int], ...]]] = {
+    "default": ("configs/digits.py as it is", {}, SAMPLER_LEVER),
+    "lr_5e-4": ("peak learning rate 5e-4", {"optim.lr": 5e-4}, (DEMO_SAMPLER,)),
+    "lr_2e-3": ("peak learning rate 2e-3", {"optim.lr": 2e-3}, (DEMO_SAMPLER,)),
+    "lr_3e-3_warmup_500": (
+        "peak learning rate 3e-3, 500 warm-up steps",
+        {"optim.lr": 3e-3, "optim.warmup_steps": 500},
+        (DEMO_SAMPLER,),
+    ),
+    "warmup_50": ("50 warm-up steps", {"optim.warmup_steps": 50}, (DEMO_SAMPLER,)),
+    "lr_constant": (
+        "constant learning rate after warm-up",
+        {"optim.lr_schedule": "constant"},
+        (DEMO_SAMPLER,),
+    ),
+    "batch_32": ("batch 32", {"data.batch_size": 32}, (DEMO_SAMPLER,)),
+    "batch_128": ("batch 128", {"data.batch_size": 128}, (DEMO_SAMPLER,)),
+    "ema_0.995": ("EMA decay 0.995", {"optim.ema_decay": 0.995}, (DEMO_SAMPLER,)),
+    "ema_0.9999": ("EMA decay 0.9999", {"optim.ema_decay": 0.9999}, (DEMO_SAMPLER,)),
+    "ema_no_warmup": ("EMA without warm-up", {"optim.ema_warmup": False}, (DEMO_SAMPLER,)),
+    "v": ("v prediction", {"diffusion.parameterization": "v"}, (DEMO_SAMPLER,)),
+    "eps_min_snr_5": (
+        "eps, min-SNR-5 weighting",
+        {"diffusion.min_snr_gamma": 5.0},
+        (DEMO_SAMPLER,),
+    ),
+    "v_min_snr_5": (
+        "v prediction, min-SNR-5 weighting",
+        {"diffusion.parameterization": "v", "diffusion.min_snr_gamma": 5.0},
+        (DEMO_SAMPLER,),
+    ),
+    "t_loss_second_moment": (
+        "timesteps drawn by loss second moment (importance sampling)",
+        {"diffusion.timestep_sampler": "loss_second_moment"},
+        (DEMO_SAMPLER,),
+    ),
+    "ch_16": ("base width 16", {"model.ch": 16}, (DEMO_SAMPLER,)),
+    "ch_64": ("base width 64", {"model.ch": 64}, (DEMO_SAMPLER,)),
+    "blocks_2": ("2 ResNet blocks per level", {"model.num_res_blocks": 2}, (DEMO_SAMPLER,)),
+    "no_dropout": ("no dropout", {"model.dropout": 0.0}, (DEMO_SAMPLER,)),
+}
+
+# What the harness sets on every recipe: no periodic work inside the budget, one checkpoint
+# at the end (train.max_seconds and train.num_steps are set per run).
+HARNESS_OVERRIDES = {
+    "train.log_every": 100,
+    "train.checkpoint_every": 0,
+    "train.eval_every": 0,
+    "train.sample_every": 0,
+    "train.num_samples": 0,
+    "train.progress_bar": False,
+}
+
+# Figures aggregated over seeds by :func:`aggregate`.
+FIGURES = ("steps", "steps_per_s", "recognisable", "classes", "frechet_pca")
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]):
+    """Sets dotted keys of ``config`` (``{"optim.lr": 2e-3}``); returns ``config``.
+
+    Raises:
+      KeyError: a key the config does not have.
+    """
+    for dotted, value in overrides.items():
+        node = config
+        *parents, leaf = dotted.split(".")
+        for name in parents:
+            node = node[name]
+        if leaf not in node:
+            raise KeyError(f"recipe override {dotted!r}: the config has no such field")
+        node[leaf] = value
+    return config
+
+
+def recipe_config(
+    name: str, *, seed: int = 0, num_steps: int | None = None, max_seconds: float = 0.0
+) -> ml_collections.ConfigDict:
+    """The training config of recipe ``name`` as the harness runs it.
+
+    Args:
+      name: a key of :data:`RECIPES`.
+      seed: ``config.seed``.
+      num_steps: the learning-rate schedule's length (``train.num_steps``); None keeps 3000.
+      max_seconds: the wall budget (``train.max_seconds``; 0: none).
+
+    Returns:
+      A validated config.
+
+    Example:
+      >>> recipe_config("v", seed=1).diffusion.parameterization
+      'v'
+    """
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; --list shows the {len(RECIPES)} recipes.")
+    config = digits_config.get_config()
+    apply_overrides(config, RECIPES[name][1])
+    apply_overrides(config, HARNESS_OVERRIDES)
+    config.seed = seed
+    if num_steps is not None:
+        config.train.num_steps = int(num_steps)
+    config.train.max_seconds = float(max_seconds)
+    config_lib.validate_config(config)
+    return config
+
+
+def _steps_reached(workdir: str) -> int:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return max(json.loads(line)["step"] for line in f if line.strip())
+
+
+def train_for(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains ``config`` into a fresh ``workdir`` within its ``train.max_seconds``.
+
+    Returns:
+      ``{"steps", "train_s" (wall of the whole call), "overhead_s" (train_s minus the
+      budget: data, init, compilation, the final save), "steps_per_s" (steps after the first
+      over the budget), "budget_spent" (False when train.num_steps came first), "final_loss",
+      "load_before", "load_after"}``.
+    """
+    if os.path.exists(workdir):
+        shutil.rmtree(workdir)
+    load_before = os.getloadavg()[0]
+    start = time.perf_counter()
+    loop.train_and_evaluate(config, workdir)
+    seconds = time.perf_counter() - start
+    steps = _steps_reached(workdir)
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        losses = [r["loss"] for r in map(json.loads, f) if "loss" in r]
+    budget = config.train.max_seconds
+    spent = steps < config.train.num_steps
+    return {
+        "steps": steps,
+        "train_s": round(seconds, 1),
+        "overhead_s": round(seconds - budget, 1) if spent else None,
+        "steps_per_s": round((steps - 1) / budget, 2) if spent else None,
+        "budget_spent": spent,
+        "final_loss": losses[-1] if losses else None,
+        "load_before": round(load_before, 2),
+        "load_after": round(os.getloadavg()[0], 2),
+    }
+
+
+def calibrate(name: str, seconds: float, minutes: float, workdir: str) -> int:
+    """The steps recipe ``name`` reaches in ``minutes``, extrapolated from a ``seconds`` run."""
+    config = recipe_config(name, num_steps=10**7, max_seconds=seconds)
+    run = train_for(config, workdir)
+    shutil.rmtree(workdir, ignore_errors=True)
+    return max(1, math.floor(run["steps_per_s"] * minutes * 60))
+
+
+def score(images: np.ndarray) -> dict[str, Any]:
+    """The digits check and the PCA Frechet distance of uint8 ``[N, 8, 8, 1]`` samples."""
+    report = digits_check.digits_report(images)
+    return {
+        "num_samples": len(images),
+        "recognisable": report["recognisable_fraction"],
+        "confident": report["confident_fraction"],
+        "near": report["near_fraction"],
+        "classes": report["classes_present"],
+        "frechet_pca": digits_check.digits_frechet_distance(images),
+    }
+
+
+def sample_and_score(workdir: str, method: str, steps: int, num: int, seed: int) -> dict[str, Any]:
+    """Samples ``num`` digits from a run's EMA parameters and scores them."""
+    start = time.perf_counter()
+    written = sampling.sample_from_workdir(
+        workdir,
+        out=os.path.join(workdir, "generated", f"{method}_{steps}"),
+        num=num,
+        method=method,
+        steps=steps,
+        seed=seed,
+        progress=False,
+    )
+    seconds = time.perf_counter() - start
+    with np.load(written["npz"]) as npz:
+        images = npz["images"]
+    return {"sampler": f"{method}:{steps}", "sample_s": round(seconds, 1), **score(images)}
+
+
+def git_commit() -> str:
+    """The repository's HEAD commit (short), with ``+dirty`` when the tree has changes."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except OSError:
+        return "unknown"
+
+
+def append_row(path: str, row: dict[str, Any]) -> None:
+    """Appends one JSON row to ``path`` (created with its directory)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def read_rows(path: str) -> list[dict[str, Any]]:
+    """The rows of a results file."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows grouped by (recipe, sampler, minutes, num_samples), in first-seen order; per group
+    the seeds and, for each of :data:`FIGURES`, the mean and the spread (max - min over seeds,
+    0 for one seed; None when no row has the figure).
+
+    Example:
+      >>> aggregate([{"recipe": "a", "sampler": "ddim:50", "minutes": 5, "num_samples": 500,
+      ...             "seed": s, "frechet_pca": f} for s, f in ((0, 1.0), (1, 3.0))])[0][
+      ...     "frechet_pca"]
+      (2.0, 2.0)
+    """
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        key = (row["recipe"], row["sampler"], row["minutes"], row["num_samples"])
+        groups.setdefault(key, []).append(row)
+    out = []
+    for (recipe, sampler, minutes, num), members in groups.items():
+        entry: dict[str, Any] = {
+            "recipe": recipe,
+            "sampler": sampler,
+            "minutes": minutes,
+            "num_samples": num,
+            "seeds": sorted(r["seed"] for r in members),
+        }
+        for figure in FIGURES:
+            values = [r[figure] for r in members if r.get(figure) is not None]
+            entry[figure] = (
+                (statistics.fmean(values), max(values) - min(values)) if values else None
+            )
+        out.append(entry)
+    return out
+
+
+def ceiling(num_samples: int, seeds: list[int]) -> dict[str, Any]:
+    """Real digits' own scores: the check on the held-out (test) digits, and the Frechet
+    distance of ``num_samples`` real train digits per seed (mean, spread) against them."""
+    images, _ = digits.load_digits_uint8()
+    report = digits_check.digits_report(images[digits.split_indices()["test"]])
+    floors = [digits_check.digits_frechet_floor(num_samples, seed=s) for s in seeds]
+    return {
+        "recognisable": report["recognisable_fraction"],
+        "classes": report["classes_present"],
+        "frechet_pca": (statistics.fmean(floors), max(floors) - min(floors)),
+    }
+
+
+def _cell(value, fmt: str) -> str:
+    if value is None:
+        return "-"
+    mean, spread = value
+    return f"{format(mean, fmt)} ± {format(spread / 2, fmt)}"
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """The markdown table of a results file (± half the seed range, i.e. the spread / 2)."""
+    lines = [
+        "| recipe | sampler | minutes | seeds | steps | steps/s | recognisable | classes | "
+        "Frechet (PCA) | load (1 min) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for entry in aggregate(rows):
+        members = [
+            r for r in rows if (r["recipe"], r["sampler"]) == (entry["recipe"], entry["sampler"])
+        ]
+        loads = [r.get("load_before") for r in members if r.get("load_before") is not None]
+        load = f"{max(loads):.1f}" if loads else "-"
+        lines.append(
+            f"| {entry['recipe']} | {entry['sampler']} | {entry['minutes']:g} | "
+            f"{len(entry['seeds'])} | {_cell(entry['steps'], '.0f')} | "
+            f"{_cell(entry['steps_per_s'], '.1f')} | {_cell(entry['recognisable'], '.2f')} | "
+            f"{_cell(entry['classes'], '.1f')} | {_cell(entry['frechet_pca'], '.3f')} | {load} |"
+        )
+    sizes = sorted({r["num_samples"] for r in rows})
+    seeds = sorted({r["seed"] for r in rows}) or [0]
+    for num in sizes:
+        top = ceiling(num, seeds)
+        lines.append(
+            f"| real digits (ceiling; check on the 297 held-out, Frechet of {num} train) | - | "
+            f"- | {len(seeds)} | - | - | {top['recognisable']:.2f} | {top['classes']} | "
+            f"{_cell(top['frechet_pca'], '.3f')} | - |"
+        )
+    return "\n".join(lines)
+
+
+def run_recipe(name: str, args: argparse.Namespace, scratch: str) -> None:
+    """Calibrates, trains, samples and scores one recipe for every seed, appending rows."""
+    samplers = RECIPES[name][2]
+    if args.samplers:
+        samplers = tuple((m, int(s)) for m, s in (item.split(":") for item in args.samplers))
+    budget = args.minutes * 60
+    horizon = args.schedule_steps or calibrate(
+        name, args.calibrate_seconds, args.minutes, os.path.join(scratch, f"{name}_calibrate")
+    )
+    print(f"{name}: learning-rate schedule of {horizon} steps", flush=True)
+    for seed in args.seeds:
+        workdir = os.path.join(scratch, f"{name}_seed{seed}")
+        config = recipe_config(name, seed=seed, num_steps=horizon, max_seconds=budget)
+        trained = train_for(config, workdir)
+        print(f"  seed {seed}: {trained}", flush=True)
+        for method, steps in samplers:
+            row = {
+                "recipe": name,
+                "seed": seed,
+                "minutes": args.minutes,
+                "schedule_steps": horizon,
+                **trained,
+                **sample_and_score(workdir, method, steps, args.num_samples, seed),
+                "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+                "commit": git_commit(),
+                "cores": os.cpu_count(),
+            }
+            append_row(args.results, row)
+            print(
+                f"    {row['sampler']}: recognisable {row['recognisable']:.2f}, classes "
+                f"{row['classes']}, Frechet {row['frechet_pca']:.3f}",
+                flush=True,
+            )
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", nargs="+", default=["default"], help="names, or 'all'")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--minutes", type=float, default=5.0, help="training wall budget")
+    parser.add_argument("--num_samples", type=int, default=500)
+    parser.add_argument(
+        "--samplers",
+        nargs="+",
+        default=None,
+        help="method:steps for every recipe (default: the recipe's own)",
+    )
+    parser.add_argument("--calibrate_seconds", type=float, default=30.0)
+    parser.add_argument(
+        "--schedule_steps", type=int, default=0, help="fixed train.num_steps (0: calibrate)"
+    )
+    parser.add_argument("--results", default=RESULTS, help="JSONL file rows are appended to")
+    parser.add_argument("--workdir", default=None, help="scratch directory (default: a temp)")
+    parser.add_argument("--keep", action="store_true", help="keep the runs' workdirs")
+    parser.add_argument("--table", action="store_true", help="print the table of --results")
+    parser.add_argument("--list", action="store_true", help="list the recipes")
+    args = parser.parse_args(argv)
+
+    if args.list:
+        for name, (what, overrides, samplers) in RECIPES.items():
+            print(f"{name:22s} {what}: {overrides or '-'}; samplers {samplers}")
+        return
+    if args.table:
+        print(table(read_rows(args.results)))
+        return
+    names = list(RECIPES) if args.recipe == ["all"] else args.recipe
+    for name in names:
+        try:
+            recipe_config(name)  # unknown names and invalid recipes fail before any training
+        except (KeyError, ValueError) as error:
+            parser.error(str(error))
+    if args.minutes <= 0 or args.num_samples < 2:
+        parser.error("--minutes must be > 0 and --num_samples >= 2.")
+    scratch = args.workdir or tempfile.mkdtemp(prefix="quality_per_minute_")
+    print(f"load average {os.getloadavg()}; runs in {scratch}", flush=True)
+    for name in names:
+        run_recipe(name, args, scratch)
+
+
+if __name__ == "__main__":
+    main()

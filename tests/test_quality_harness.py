@@ -1,0 +1,106 @@
+"""The quality-per-minute harness (benchmarks/quality_per_minute.py) and ``train.max_seconds``.
+
+Cheap by design: the recipes are only built and validated, the time budget stops the tiny
+swiss-roll run under a fake clock (no timing in the test), and the table's aggregation runs
+on made-up rows.
+"""
+
+from __future__ import annotations
+
+import json
+import types
+
+import pytest
+import trainer_helpers as h
+
+from benchmarks import quality_per_minute as qpm
+from diffusion_jax import train
+from diffusion_jax.train import config as config_lib
+from diffusion_jax.train import loop
+
+
+@pytest.mark.parametrize("name", sorted(qpm.RECIPES))
+def test_every_recipe_is_a_valid_config_with_its_overrides(name):
+    config = qpm.recipe_config(name, seed=1, num_steps=1234, max_seconds=300)
+    _, overrides, samplers = qpm.RECIPES[name]
+    for dotted, value in overrides.items():
+        section, field = dotted.split(".")
+        assert config[section][field] == value, dotted
+    assert (config.seed, config.train.num_steps, config.train.max_seconds) == (1, 1234, 300.0)
+    assert config.train.num_samples == 0 and config.train.eval_every == 0
+    assert qpm.DEMO_SAMPLER in samplers  # every recipe is scored with the demo's sampler
+
+
+def test_unknown_recipe_and_unknown_field_are_refused():
+    with pytest.raises(ValueError, match="unknown recipe 'nope'"):
+        qpm.recipe_config("nope")
+    with pytest.raises(KeyError, match=r"optim\.lrr"):
+        qpm.apply_overrides(qpm.recipe_config("default"), {"optim.lrr": 1.0})
+
+
+@pytest.mark.parametrize("value", [-1.0, float("inf")])
+def test_max_seconds_must_be_a_finite_number_at_least_zero(value):
+    config = h.swissroll(train__max_seconds=value)
+    with pytest.raises(ValueError, match=r"train\.max_seconds"):
+        config_lib.validate_config(config)
+
+
+def test_time_budget_saves_a_checkpoint_and_ends_the_run(monkeypatch, tmp_path):
+    """A fake clock advancing 1 s per reading: the budget starts after step 1 and 3.5 s are
+    spent at step 4 (readings 1 s, 2 s, 3 s, 4 s after steps 1-4); the run saves step 4, logs
+    it, writes its grid and returns normally. Running again resumes and spends a new budget."""
+    ticks = iter(range(1, 10_000))
+    monkeypatch.setattr(loop, "time", types.SimpleNamespace(monotonic=lambda: next(ticks)))
+    config = h.swissroll(
+        train__max_seconds=3.5, train__checkpoint_every=0, train__eval_every=0, train__log_every=50
+    )
+    workdir = tmp_path / "run"
+    state = train.train_and_evaluate(config, str(workdir))
+    assert int(state.step) == 4 < config.train.num_steps
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["4"]
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [4]
+    assert any("4" in p.name for p in (workdir / "samples").iterdir())
+
+    ticks = iter(range(1, 10_000))
+    config.train.num_samples = 0  # the grid is tested above; a run field, free to change
+    state = train.train_and_evaluate(config, str(workdir))
+    assert int(state.step) == 8
+
+
+def _row(recipe, seed, **figures):
+    return {"recipe": recipe, "sampler": "ddim:50", "minutes": 5, "num_samples": 500,
+            "seed": seed, **figures}  # fmt: skip
+
+
+def test_aggregation_gives_mean_and_seed_range_per_group():
+    rows = [
+        _row("a", 0, steps=100, recognisable=0.5, frechet_pca=1.0, classes=10),
+        _row("b", 0, steps=50, recognisable=0.9, frechet_pca=0.2, classes=9),
+        _row("a", 1, steps=110, recognisable=0.7, frechet_pca=1.6, classes=10),
+        _row("a", 2, steps=90, recognisable=0.6, frechet_pca=1.3, classes=8),
+        {**_row("a", 0, steps=10, recognisable=0.1, frechet_pca=9.0), "minutes": 0.5},
+    ]
+    a, b, a_short = qpm.aggregate(rows)
+    assert (a["recipe"], a["minutes"], a["seeds"]) == ("a", 5, [0, 1, 2])
+    assert a["steps"] == pytest.approx((100.0, 20.0))
+    assert a["recognisable"] == pytest.approx((0.6, 0.2))
+    assert a["frechet_pca"] == pytest.approx((1.3, 0.6))
+    assert a["classes"] == pytest.approx((28 / 3, 2.0))
+    assert a["steps_per_s"] is None  # no row has it
+    assert b["seeds"] == [0] and b["frechet_pca"] == pytest.approx((0.2, 0.0))
+    assert a_short["minutes"] == 0.5 and a_short["steps"] == pytest.approx((10.0, 0.0))
+
+
+def test_table_prints_each_group_and_the_ceiling(monkeypatch):
+    ceiling = {"recognisable": 0.86, "classes": 10, "frechet_pca": (0.05, 0.01)}
+    monkeypatch.setattr(qpm, "ceiling", lambda num, seeds: ceiling)
+    rows = [
+        _row("a", 0, steps=100, recognisable=0.5, frechet_pca=1.0, classes=10, load_before=1.0),
+        _row("a", 1, steps=110, recognisable=0.7, frechet_pca=1.6, classes=10, load_before=2.5),
+    ]
+    lines = qpm.table(rows).splitlines()
+    assert len(lines) == 4
+    assert lines[2].startswith("| a | ddim:50 | 5 | 2 | 105 ± 5 |")
+    assert "0.60 ± 0.10" in lines[2] and "1.300 ± 0.300" in lines[2] and "| 2.5 |" in lines[2]
+    assert "real digits" in lines[3] and "0.86" in lines[3] and "0.050 ± 0.005" in lines[3]
