@@ -128,6 +128,9 @@ def invert(
     ``num_steps``, ``timestep_spacing``, model and guidance returns ``x0`` up to an error that
     falls with the number of steps (see the module docstring). The result is x at the grid's
     largest timestep (T - 1 for ``linspace`` and ``trailing``), which heun/euler also start at.
+    Where abar there is tiny (cosine at T - 1: 1 / sqrt(abar) = 2e4 at T = 1000), the
+    reconstruction's first step multiplies an eps model's error by 1 / sqrt(abar) and the round
+    trip diverges (``sample`` warns): use ``leading`` spacing or a v model there.
 
     Args:
       model_fn: ``model_fn(params, x_t, t, **model_kwargs) -> output`` (static: hashable).

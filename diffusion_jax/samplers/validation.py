@@ -192,16 +192,16 @@ def make_options(
         callback=callback,
         hook_kwargs=hook_kwargs,
     )
-    # A given start (x_T, x_start) is the caller's choice: the first-step warning is about the
-    # drawn noise of a full run.
-    given_start = x_T is not None or x_start is not None
-    if parameterization == "eps" and clip_x0 is False and not stochastic and not given_start:
+    if parameterization == "eps" and clip_x0 is False and not stochastic:
         if sampler.prepare is None:
-            first = timesteps_for(num_timesteps, num_steps, timestep_spacing)[0]
+            visited = timesteps_for(num_timesteps, num_steps, timestep_spacing)
         else:
-            first = edm_sampler.grid(schedule, num_steps, edm)[0]
-        amplification = first_step_amplification(schedule, int(first))
-        if amplification > FIRST_STEP_AMPLIFICATION_LIMIT:
+            visited = edm_sampler.grid(schedule, num_steps, edm)
+        if t_start is not None:  # a run joined midway starts at the first step below t_start
+            visited = visited[visited < t_start]
+        first = int(visited[0]) if len(visited) else 0
+        amplification = first_step_amplification(schedule, first)
+        if len(visited) and amplification > FIRST_STEP_AMPLIFICATION_LIMIT:
             warnings.warn(
                 f"Sampling an eps model without x0 clipping from t = {first}, where "
                 f"1 / sqrt(alpha_bar) = {amplification:.3g} (above "
