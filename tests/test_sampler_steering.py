@@ -18,6 +18,8 @@ Each use case is checked against an exact answer:
 from __future__ import annotations
 
 import functools
+import inspect
+import warnings
 
 import chex
 import jax
@@ -29,6 +31,7 @@ from test_samplers import MU, SCHEDULES, STD, _denoise, exact_model, learned_var
 from diffusion_jax import diffusion, samplers
 from diffusion_jax.samplers import edm, keep_known, shift_by_score, step_noise, timesteps_for
 from diffusion_jax.samplers.steering import HOOK_NOISE_STREAM
+from diffusion_jax.samplers.validation import make_options
 from diffusion_jax.schedules import from_betas, rescale_zero_terminal_snr
 
 COSINE = SCHEDULES["cosine100"]
@@ -360,6 +363,25 @@ def test_errors(kwargs, message):
             exact_model(), None, COSINE, jax.random.key(0), (8, 4), method="ddim", num_steps=3,
             **kwargs,
         )  # fmt: skip
+
+
+def test_first_step_warning_follows_where_the_run_starts():
+    keyword_only = inspect.Parameter.KEYWORD_ONLY
+    defaults = {
+        name: parameter.default
+        for name, parameter in inspect.signature(samplers.sample).parameters.items()
+        if parameter.kind is keyword_only
+    }
+    base = defaults | dict(method="ddim", num_steps=10, clip_x0=False)
+    # A given x_T at t = 99 (1 / sqrt(abar) = 2e3) is amplified like drawn noise...
+    with pytest.warns(UserWarning, match="from t = 99"):
+        make_options(exact_model(), COSINE, (8, 4), **(base | dict(x_T=jnp.zeros((8, 4)))))
+    # ... while SDEdit from t_start = 50 starts at t = 44, where it is not.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make_options(
+            exact_model(), COSINE, (8, 4), **(base | dict(x_start=jnp.zeros((8, 4)), t_start=50))
+        )
 
 
 def test_q_sample_is_what_keep_known_uses_after_the_last_step():
