@@ -469,3 +469,17 @@ def test_mismatched_state_dict_names_the_key(tiny_release):
         from_diffusers.convert_state_dict(
             {**state, "time_embedding.cond_proj.weight": state[key]}, config, shape
         )
+
+
+def test_explicit_betas_are_checked():
+    config = from_diffusers.build_config(
+        small(CIFAR10),
+        {"beta_schedule": "scaled_linear", "beta_start": 0.001, "num_train_timesteps": 20},
+    )
+    assert len(config.diffusion.betas) == 20
+    config.diffusion.betas = config.diffusion.betas[:-1]
+    with pytest.raises(ValueError, match=r"config\.diffusion\.betas must be None or a list of"):
+        config_lib.validate_config(config)
+    config.diffusion.betas = [0.5] * 19 + [1.5]
+    with pytest.raises(ValueError, match=r"config.diffusion.betas is not valid: .* \[19\]"):
+        config_lib.validate_config(config)
