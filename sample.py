@@ -5,7 +5,8 @@
 
 Writes ``grid.png`` and ``samples.npz`` (uint8 images, or float points for 2-D data with a
 ``scatter.png``), and with ``--individual`` one PNG per sample. The same ``--seed`` gives the
-same samples at any ``--batch_size`` and on any number of devices. A request the library
+same samples at any ``--batch_size`` and on any number of devices. Compiled samplers are cached
+as ``train.py`` caches its steps (``--compilation_cache=DIR|off``). A request the library
 refuses exits with status 2 and one ``error: ...`` line on stderr that names the flag.
 """
 
@@ -27,6 +28,12 @@ flags.DEFINE_integer("seed", 0, "Samples are a function of (seed, sample index).
 flags.DEFINE_float("guidance", None, "Classifier-free guidance weight (needs --labels).")
 flags.DEFINE_string("labels", None, "Comma-separated class labels, repeated to --num.")
 flags.DEFINE_bool("individual", False, "Also write one PNG per sample.")
+flags.DEFINE_string(
+    "compilation_cache",
+    None,
+    "Directory of JAX's persistent compilation cache, or 'off' (default: "
+    "$DIFFUSION_JAX_COMPILATION_CACHE, else $XDG_CACHE_HOME/diffusion_jax/jax).",
+)
 flags.mark_flags_as_required(["workdir"])
 FLAGS = flags.FLAGS
 
@@ -53,6 +60,7 @@ def main(argv):
 
     _runtime.quiet_library_logs()
     _runtime.keep_freed_memory()  # this process is ours: keep freed heap pages (faster steps)
+    _runtime.use_compilation_cache(FLAGS.compilation_cache)  # a second run skips compiling
     import os
 
     from diffusion_jax.evaluation import sampling

@@ -3,9 +3,12 @@
   python train.py --config configs/digits.py --workdir workdirs/digits
   python train.py --config configs/cifar10.py --workdir W --config.train.num_steps=1000
 
-Running it again on the same workdir resumes from the latest good checkpoint. On several hosts,
-start one process per host; ``jax.distributed`` is initialised from the environment (TPU pods,
-SLURM) or from ``--coordinator_address/--num_processes/--process_id`` (all three, or none).
+Running it again on the same workdir resumes from the latest good checkpoint. Compiled programs
+are cached in ``~/.cache/diffusion_jax/jax`` (``--compilation_cache=DIR|off``, or the
+environment variable ``DIFFUSION_JAX_COMPILATION_CACHE``), so a second run starts sooner. On
+several hosts, start one process per host; ``jax.distributed`` is initialised from the
+environment (TPU pods, SLURM) or from ``--coordinator_address/--num_processes/--process_id``
+(all three, or none).
 
 Exit status: 0 when the run is complete; ``128 + signal`` (143 for SIGTERM, 130 for Ctrl-C)
 when a signal stopped it after saving its checkpoint (run again to resume); 2 when it is
@@ -41,6 +44,12 @@ flags.DEFINE_integer(
     "distributed_timeout", 300, "Seconds to wait for every process to join (multi-process runs)."
 )
 flags.DEFINE_bool("verbose", False, "Print the traceback of a refused run too.")
+flags.DEFINE_string(
+    "compilation_cache",
+    None,
+    "Directory of JAX's persistent compilation cache, or 'off' (default: "
+    "$DIFFUSION_JAX_COMPILATION_CACHE, else $XDG_CACHE_HOME/diffusion_jax/jax).",
+)
 flags.mark_flags_as_required(["workdir"])
 
 # train_and_evaluate's (and initialize_distributed's) argument names -> these flags.
@@ -174,6 +183,7 @@ def main(argv):
 
     _runtime.quiet_library_logs()
     _runtime.keep_freed_memory()  # this process is ours: keep freed heap pages (faster steps)
+    _runtime.use_compilation_cache(FLAGS.compilation_cache)  # a second run skips compiling
     from diffusion_jax import train
 
     try:
