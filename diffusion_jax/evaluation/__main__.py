@@ -25,6 +25,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from diffusion_jax import _runtime
 from diffusion_jax.evaluation.digits_check import DIGITS_CONFIDENCE, digits_report
 from diffusion_jax.evaluation.inception_weights import WEIGHTS_ENV, convert_torch_file
 from diffusion_jax.evaluation.likelihood import format_nll, nll_from_workdir
@@ -233,4 +234,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # As train.py's: compiled samplers are reused across runs (DIFFUSION_JAX_COMPILATION_CACHE).
+    _runtime.use_compilation_cache()
     sys.exit(main())

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from diffusion_jax import _runtime
 from diffusion_jax.evaluation.figures import plot_loss, plot_samples, plot_trajectory
 from diffusion_jax.evaluation.outputs import check_writable
 from diffusion_jax.evaluation.runs import checkpoint_dir
@@ -118,4 +119,6 @@ def _draw(args: argparse.Namespace) -> str:
 
 
 if __name__ == "__main__":
+    # As train.py's: compiled samplers are reused across runs (DIFFUSION_JAX_COMPILATION_CACHE).
+    _runtime.use_compilation_cache()
     sys.exit(main())
