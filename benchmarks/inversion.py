@@ -9,7 +9,9 @@ N: the pixel MSE of the round trip in the model's [-1, 1] scale (and the PSNR wi
 peak-to-peak of 2), the largest pixel error, the std of the inverted x_T (a standard normal
 would give 1), and the seconds of the inversion and the reconstruction (compilation included,
 so the first N pays it). For scale, the MSE between the inputs and fresh DDIM samples from the
-same number of steps is printed too: what "no memory of the input" costs.
+same number of steps is printed too: what "no memory of the input" costs. ``--t_stop t``
+inverts only up to the last visited timestep below t and reconstructs from there (editing
+from a partly noised input; the largest N then runs only the steps below t).
 
 The model: ``--workdir`` of a trained run (e.g. the demo's ``out/digits``); if it has no
 checkpoint, ``train.py`` first trains ``configs/digits.py`` there for ``--train_steps`` steps.
@@ -75,6 +77,9 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", default="10,20,50,100,200")
     parser.add_argument("--spacing", default="leading")
     parser.add_argument("--which", default="ema", choices=("ema", "raw"))
+    parser.add_argument(
+        "--t_stop", type=int, default=None, help="invert only below this timestep (editing)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="also write the results as JSON here")
     args = parser.parse_args(argv)
@@ -94,6 +99,7 @@ def main(argv=None) -> None:
     print(
         f"run {args.workdir} step {run.step} ({args.which}); {d.schedule} T={d.num_timesteps}, "
         f"{d.parameterization}; {x0.shape[0]} held-out digits; spacing {args.spacing}; "
+        f"t_stop {args.t_stop or d.num_timesteps}; "
         f"load {os.getloadavg()[0]:.1f}"
     )
     header = (
@@ -105,13 +111,15 @@ def main(argv=None) -> None:
     for num_steps in [int(s) for s in args.steps.split(",")]:
         start = time.perf_counter()
         x_T = samplers.invert(
-            run.model_fn, run.params, run.schedule, x0, num_steps=num_steps, **common
-        ).block_until_ready()
+            run.model_fn, run.params, run.schedule, x0, num_steps=num_steps, t_stop=args.t_stop,
+            **common,
+        ).block_until_ready()  # fmt: skip
         invert_seconds = time.perf_counter() - start
         start = time.perf_counter()
         back = samplers.sample(
             run.model_fn, run.params, run.schedule, jax.random.key(args.seed), x0.shape,
-            method="ddim", num_steps=num_steps, clip_x0=False, x_T=x_T, **common,
+            method="ddim", num_steps=num_steps, clip_x0=False, x_T=x_T, t_start=args.t_stop,
+            **common,
         ).block_until_ready()  # fmt: skip
         recon_seconds = time.perf_counter() - start
         fresh = samplers.sample(
