@@ -100,6 +100,12 @@ def test_sdedit_from_zero_returns_the_input_and_from_T_is_a_fresh_sample():
             x_start=x_start, t_start=0, **options,
         )  # fmt: skip
         chex.assert_trees_all_equal(out, x_start)
+    nothing = samplers.sample(
+        exact_model(), None, COSINE, jax.random.key(0), (8, 4), method="ddim", num_steps=5,
+        x_start=x_start, t_start=0, return_trajectory=True,
+    )  # fmt: skip
+    chex.assert_shape([nothing.xs, nothing.pred_x0s], (0, 8, 4))
+    chex.assert_trees_all_equal(nothing.samples, x_start)
     # With zero terminal SNR, q(x_{T-1} | x_start) is the standard normal: noising to T - 1
     # with the run's z is the drawn x_T itself, so SDEdit from T is the fresh sample.
     zero_snr, model = ZERO_SNR, _gaussian_v_model
