@@ -398,3 +398,16 @@ def test_refuses_a_sample_size_the_parameters_contradict():
     with pytest.raises(ValueError, match=r"^config.data.image_size = 32 .*--sample_size") as error:
         to_diffusers.unet_config(config, params, 32)  # would put attention one level lower
     assert "\n" not in str(error.value)
+
+
+def test_sample_size_comes_from_the_flag_the_config_or_the_workdir(tmp_path):
+    config = tiny_config(image_size=16)
+    assert to_diffusers._sample_size(str(tmp_path), config, 32) == 32
+    assert to_diffusers._sample_size(str(tmp_path), config, None) == 16
+    config.data.image_size, config.data.name = 0, "no_such_dataset"
+    with open(tmp_path / "data_info.json", "w") as f:  # as a converted workdir records it
+        json.dump({"kind": "image", "shape": [64, 64, 3], "num_classes": None}, f)
+    assert to_diffusers._sample_size(str(tmp_path), config, None) == 64
+    os.remove(tmp_path / "data_info.json")
+    with pytest.raises(ValueError, match=r"^cannot tell the trained image size .*--sample_size"):
+        to_diffusers._sample_size(str(tmp_path), config, None)

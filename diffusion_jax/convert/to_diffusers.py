@@ -118,6 +118,11 @@ def check_exportable(config: ml_collections.ConfigDict, sample_size: int) -> int
       config: the run's config.
       sample_size: the image size the model was trained at.
 
+    Returns:
+      The channels per attention head for diffusers' ``attention_head_dim``: ``model.head_dim``,
+      or the one width that ``model.num_heads`` heads give every attention block, or None for
+      one head per block.
+
     Raises:
       ValueError: one line naming the config field and its value.
 
