@@ -429,10 +429,7 @@ def test_ddpm_sampling_matches_diffusers_step(tiny_release, monkeypatch):
     ours = samplers.sample(model_fn, params, schedule, key, batch, method="ddpm", clip_x0=True)
     # diffusers' DDPMPipeline loop, fed the noise our sampler drew: x_T is step 0's, the k-th
     # update (k = 0..T-1) adds step k + 1's (none at t = 0).
-    noise = [
-        torch.from_numpy(np.asarray(step_noise(key, k, batch)).transpose(0, 3, 1, 2))
-        for k in range(schedule.num_timesteps + 1)
-    ]
+    noise = [nchw(np.array(step_noise(key, k, batch))) for k in range(schedule.num_timesteps + 1)]
     drawn = iter(noise[1:])
     monkeypatch.setattr(
         diffusers.schedulers.scheduling_ddpm, "randn_tensor", lambda *a, **k: next(drawn)
