@@ -22,6 +22,10 @@ the default recipe's runs, since they need no training of their own). For each (
    ``benchmarks/results/quality_per_minute.jsonl``), with the machine's load average before
    and after training: a wall-time study is only valid on a quiet machine.
 
+Programs are cached as ``train.py`` caches them (:func:`diffusion_jax._runtime.
+use_compilation_cache`; ``DIFFUSION_JAX_COMPILATION_CACHE=off`` turns it off), which shortens
+``overhead_s`` but never the budget.
+
 ``--table`` prints the markdown table of a results file: per recipe, sampler and budget, the
 mean and the seed spread (max - min over seeds) of each figure, and the ceiling: real digits'
 own scores (the held-out digits for the check, the Frechet distance of ``--num_samples`` real
@@ -51,10 +55,12 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import jax
 import ml_collections
 import numpy as np
 
 from configs import digits as digits_config
+from diffusion_jax import _runtime
 from diffusion_jax.data import digits
 from diffusion_jax.evaluation import digits_check, sampling
 from diffusion_jax.train import config as config_lib
@@ -185,14 +191,15 @@ def train_for(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
     Returns:
       ``{"steps", "train_s" (wall of the whole call), "overhead_s" (train_s minus the
       budget: data, init, compilation, the final save), "steps_per_s" (steps after the first
-      over the budget), "budget_spent" (False when train.num_steps came first), "final_loss",
+      over the budget), "budget_spent" (False when train.num_steps came first), "params"
+      (the network's parameter count), "final_loss",
       "load_before", "load_after"}``.
     """
     if os.path.exists(workdir):
         shutil.rmtree(workdir)
     load_before = os.getloadavg()[0]
     start = time.perf_counter()
-    loop.train_and_evaluate(config, workdir)
+    state = loop.train_and_evaluate(config, workdir)
     seconds = time.perf_counter() - start
     steps = _steps_reached(workdir)
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
@@ -205,6 +212,7 @@ def train_for(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
         "overhead_s": round(seconds - budget, 1) if spent else None,
         "steps_per_s": round((steps - 1) / budget, 2) if spent else None,
         "budget_spent": spent,
+        "params": int(sum(x.size for x in jax.tree.leaves(state.params))),
         "final_loss": losses[-1] if losses else None,
         "load_before": round(load_before, 2),
         "load_after": round(os.getloadavg()[0], 2),
@@ -330,12 +338,15 @@ def _cell(value, fmt: str) -> str:
     if value is None:
         return "-"
     mean, spread = value
-    return f"{format(mean, fmt)} ± {format(spread / 2, fmt)}"
+    return f"{format(mean, fmt)} ({format(spread, fmt)})"
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    """The markdown table of a results file (± half the seed range, i.e. the spread / 2)."""
+    """The markdown table of a results file: each cell the mean over seeds and, in brackets,
+    the seed spread (max - min)."""
     lines = [
+        "Each cell: mean over seeds (spread = max - min over seeds).",
+        "",
         "| recipe | sampler | minutes | seeds | steps | steps/s | recognisable | classes | "
         "Frechet (PCA) | load (1 min) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -364,6 +375,18 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def warn_if_loaded() -> None:
+    """Says so when the machine is busier than its cores: wall-time figures are then not
+    valid for the study (the rows record the load either way)."""
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load > cores:
+        print(
+            f"WARNING: load average {load:.1f} on {cores} cores: the wall-time budget buys "
+            "fewer steps than on a quiet machine; do not use these rows for the study.",
+            flush=True,
+        )
+
+
 def run_recipe(name: str, args: argparse.Namespace, scratch: str) -> None:
     """Calibrates, trains, samples and scores one recipe for every seed, appending rows."""
     samplers = RECIPES[name][2]
@@ -375,6 +398,7 @@ def run_recipe(name: str, args: argparse.Namespace, scratch: str) -> None:
     )
     print(f"{name}: learning-rate schedule of {horizon} steps", flush=True)
     for seed in args.seeds:
+        commit = git_commit()  # the code this run trains with (others may commit meanwhile)
         workdir = os.path.join(scratch, f"{name}_seed{seed}")
         config = recipe_config(name, seed=seed, num_steps=horizon, max_seconds=budget)
         trained = train_for(config, workdir)
@@ -388,7 +412,7 @@ def run_recipe(name: str, args: argparse.Namespace, scratch: str) -> None:
                 **trained,
                 **sample_and_score(workdir, method, steps, args.num_samples, seed),
                 "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-                "commit": git_commit(),
+                "commit": commit,
                 "cores": os.cpu_count(),
             }
             append_row(args.results, row)
@@ -440,7 +464,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.minutes <= 0 or args.num_samples < 2:
         parser.error("--minutes must be > 0 and --num_samples >= 2.")
     scratch = args.workdir or tempfile.mkdtemp(prefix="quality_per_minute_")
+    # train.py's persistent compilation cache: a recipe's second seed (and its run after the
+    # calibration) reads its programs back instead of compiling them again.
+    _runtime.use_compilation_cache()
     print(f"load average {os.getloadavg()}; runs in {scratch}", flush=True)
+    warn_if_loaded()
     for name in names:
         run_recipe(name, args, scratch)
 

@@ -99,8 +99,9 @@ def test_table_prints_each_group_and_the_ceiling(monkeypatch):
         _row("a", 0, steps=100, recognisable=0.5, frechet_pca=1.0, classes=10, load_before=1.0),
         _row("a", 1, steps=110, recognisable=0.7, frechet_pca=1.6, classes=10, load_before=2.5),
     ]
-    lines = qpm.table(rows).splitlines()
+    lines = qpm.table(rows).splitlines()[2:]  # after the legend
     assert len(lines) == 4
-    assert lines[2].startswith("| a | ddim:50 | 5 | 2 | 105 ± 5 |")
-    assert "0.60 ± 0.10" in lines[2] and "1.300 ± 0.300" in lines[2] and "| 2.5 |" in lines[2]
-    assert "real digits" in lines[3] and "0.86" in lines[3] and "0.050 ± 0.005" in lines[3]
+    assert lines[2].startswith("| a | ddim:50 | 5 | 2 | 105 (10) |")
+    assert "| 0.60 (0.20) |" in lines[2] and "| 1.300 (0.600) |" in lines[2]
+    assert lines[2].endswith("| 2.5 |")  # the highest load of the group
+    assert "real digits" in lines[3] and "| 0.86 |" in lines[3] and "0.050 (0.010)" in lines[3]
