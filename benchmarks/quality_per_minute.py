@@ -469,8 +469,15 @@ def main(argv: list[str] | None = None) -> None:
     _runtime.use_compilation_cache()
     print(f"load average {os.getloadavg()}; runs in {scratch}", flush=True)
     warn_if_loaded()
+    failed = []
     for name in names:
-        run_recipe(name, args, scratch)
+        try:
+            run_recipe(name, args, scratch)
+        except Exception as error:  # a long study goes on to the next recipe
+            print(f"{name}: FAILED: {type(error).__name__}: {error}", flush=True)
+            failed.append(name)
+    if failed:
+        raise SystemExit(f"recipes that failed (no rows written for them): {failed}")
 
 
 if __name__ == "__main__":
