@@ -11,13 +11,15 @@ change in the shared machine's load falls on both:
     "steady" figure is the median of the others, the "overall" one is the steps of all the
     others over their summed time (it includes the checkpoints and evaluations that fall due).
 
-The ratio loop/step is printed per round and overall (the loop's figure over the mean of the
-step figures measured just before and after it). Results go to
+Each round runs the loop once per ``--prefetch`` value (``data.prefetch``: 0 reads and places
+each batch in the loop's thread, as the loop did before the prefetcher; 2 is the default), each
+followed by a step measurement. The ratio loop/step is printed per loop run (over the mean of
+the step figures measured just before and after it) and averaged per value. Results go to
 ``benchmarks/results/loop_throughput<--tag>.json``.
 
 Run (from the repository root):
-  .venv/bin/python benchmarks/loop_throughput.py                  # 2 rounds, ~6 min
-  .venv/bin/python benchmarks/loop_throughput.py --rounds 1 --loop_steps 400 --tag _quick
+  .venv/bin/python benchmarks/loop_throughput.py                  # 2 rounds, ~8 min idle
+  .venv/bin/python benchmarks/loop_throughput.py --rounds 1 --loop_steps 200 --prefetch 2
 """
 
 from __future__ import annotations
@@ -57,24 +59,31 @@ def _config(loop_steps: int, overrides: list[str]):
     return config
 
 
-def measure_step(config, steps: int, warmup: int) -> dict:
-    """Steps/s of the trainer's jitted step alone, on one device-resident real batch."""
-    info, data_shape = preflight.check_data(config)
-    mesh = sharding.make_mesh(jax.devices()[:1])
-    run = loop._build(config, info, data_shape, mesh)
-    iterator = loop._iterator(config, train=True)
-    batch = sharding.global_batch(next(iterator), mesh)
-    state = run.init()
-    for _ in range(warmup):
-        state, out = run.train_step(state, batch)
-    jax.block_until_ready((state, out))
-    load = common.load_average()[0]
-    start = time.perf_counter()
-    for _ in range(steps):
-        state, out = run.train_step(state, batch)
-    jax.block_until_ready((state, out))
-    seconds = time.perf_counter() - start
-    return {"steps": steps, "seconds": seconds, "steps_per_sec": steps / seconds, "load": load}
+class IsolatedStep:
+    """The trainer's jitted step (built once, as ``train_and_evaluate`` builds it, on a
+    1-device mesh) and one real batch already on the device."""
+
+    def __init__(self, config):
+        info, data_shape = preflight.check_data(config)
+        mesh = sharding.make_mesh(jax.devices()[:1])
+        self.run = loop._build(config, info, data_shape, mesh)
+        self.batch = sharding.global_batch(next(loop._iterator(config, train=True)), mesh)
+        self.state = self.run.init()
+
+    def measure(self, steps: int, warmup: int) -> dict:
+        """Steps/s over ``steps`` steps after ``warmup``, blocked on only at the end."""
+        state = self.state
+        for _ in range(warmup):
+            state, out = self.run.train_step(state, self.batch)
+        jax.block_until_ready((state, out))
+        load = common.load_average()[0]
+        start = time.perf_counter()
+        for _ in range(steps):
+            state, out = self.run.train_step(state, self.batch)
+        jax.block_until_ready((state, out))
+        seconds = time.perf_counter() - start
+        self.state = state
+        return {"steps": steps, "seconds": seconds, "steps_per_sec": steps / seconds, "load": load}
 
 
 def measure_loop(config) -> dict:
@@ -102,9 +111,12 @@ def measure_loop(config) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--loop_steps", type=int, default=1000)
-    parser.add_argument("--step_steps", type=int, default=200)
+    parser.add_argument("--loop_steps", type=int, default=550)
+    parser.add_argument("--step_steps", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument(
+        "--prefetch", type=int, nargs="+", default=[0, 2], help="data.prefetch values to run"
+    )
     parser.add_argument("--tag", default="")
     parser.add_argument(
         "--set", nargs="*", default=[], help="config overrides, e.g. train.progress_bar=False"
@@ -114,29 +126,49 @@ def main():
     _runtime.quiet_library_logs()
     config = _config(args.loop_steps, args.set)
     machine = common.machine()
-    step_runs = [measure_step(config, args.step_steps, args.warmup)]
+    # The loops compile the step once; later runs read it from this cache.
+    jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="loop_throughput"))
+    isolated = IsolatedStep(config)
+    step_runs = [isolated.measure(args.step_steps, args.warmup)]
     loop_runs = []
     for index in range(args.rounds):
-        loop_runs.append(measure_loop(config))
-        step_runs.append(measure_step(config, args.step_steps, args.warmup))
-        step = (step_runs[index]["steps_per_sec"] + step_runs[index + 1]["steps_per_sec"]) / 2
+        for prefetch in args.prefetch:
+            config.data.prefetch = prefetch
+            result = measure_loop(config)
+            step_runs.append(isolated.measure(args.step_steps, args.warmup))
+            step = (step_runs[-2]["steps_per_sec"] + step_runs[-1]["steps_per_sec"]) / 2
+            result.update(
+                prefetch=prefetch,
+                round=index,
+                step_steps_per_sec=step,
+                ratio_steady=result["steady_steps_per_sec"] / step,
+                ratio_overall=result["overall_steps_per_sec"] / step,
+            )
+            loop_runs.append(result)
+            print(
+                f"round {index} prefetch {prefetch}: step {step:.2f} steps/s | loop steady "
+                f"{result['steady_steps_per_sec']:.2f} (ratio {result['ratio_steady']:.3f}), "
+                f"overall {result['overall_steps_per_sec']:.2f} (ratio "
+                f"{result['ratio_overall']:.3f}) | load {result['load']:.1f}",
+                flush=True,
+            )
+    summary = {}
+    for prefetch in args.prefetch:
+        runs = [r for r in loop_runs if r["prefetch"] == prefetch]
+        summary[prefetch] = {
+            key: float(np.mean([r[key] for r in runs]))
+            for key in (
+                "step_steps_per_sec",
+                "steady_steps_per_sec",
+                "ratio_steady",
+                "ratio_overall",
+            )
+        }
         print(
-            f"round {index}: step {step:.2f} steps/s | loop steady "
-            f"{loop_runs[-1]['steady_steps_per_sec']:.2f} (ratio "
-            f"{loop_runs[-1]['steady_steps_per_sec'] / step:.3f}), overall "
-            f"{loop_runs[-1]['overall_steps_per_sec']:.2f} (ratio "
-            f"{loop_runs[-1]['overall_steps_per_sec'] / step:.3f}) | load "
-            f"{loop_runs[-1]['load']:.1f}",
-            flush=True,
+            f"prefetch {prefetch}: "
+            + ", ".join(f"{k} {v:.3f}" for k, v in summary[prefetch].items())
         )
-    step_mean = float(np.mean([r["steps_per_sec"] for r in step_runs]))
-    steady = float(np.mean([r["steady_steps_per_sec"] for r in loop_runs]))
-    overall = float(np.mean([r["overall_steps_per_sec"] for r in loop_runs]))
-    print(
-        f"all: step {step_mean:.2f} steps/s, loop steady {steady:.2f} "
-        f"(ratio {steady / step_mean:.3f}), overall {overall:.2f} "
-        f"(ratio {overall / step_mean:.3f}); load at the end {common.load_average()}"
-    )
+    print(f"load at the end {common.load_average()}")
     path = common.write_json(
         f"loop_throughput{args.tag}",
         {
@@ -144,8 +176,7 @@ def main():
             "args": vars(args),
             "step": step_runs,
             "loop": loop_runs,
-            "ratio_steady": steady / step_mean,
-            "ratio_overall": overall / step_mean,
+            "summary": summary,
         },
     )
     print(f"wrote {path}")

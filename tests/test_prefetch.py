@@ -149,9 +149,15 @@ def test_digits_state_resumes_at_the_next_consumed_batch():
     mesh = sharding.make_mesh()
     settings = dict(split="train", batch_size=16, seed=3, shuffle=True)  # prepared on first use
     iterator = data.create_iterator("digits", process_index=0, process_count=1, **settings)
-    batches = prefetch.DevicePrefetcher(iterator, lambda b: sharding.global_batch(b, mesh), size=2)
-    with batches:
+    placed = []
+
+    def place(batch):
+        placed.append(len(placed))
+        return sharding.global_batch(batch, mesh)
+
+    with prefetch.DevicePrefetcher(iterator, place, size=2) as batches:
         first = [next(batches) for _ in range(3)]
+        _wait_until(lambda: len(placed) >= 5)  # two batches read ahead
         state = batches.get_state()
         fourth = next(batches)
     assert state["grain"] != iterator.get_state()["grain"]  # the iterator had read further

@@ -13,6 +13,7 @@ import os
 import random
 import signal
 import subprocess
+import threading
 import time
 
 import pytest
@@ -270,6 +271,11 @@ def test_library_raises_preempted_after_saving(monkeypatch, tmp_path):
     assert raised.value.signum == signal.SIGTERM and raised.value.exit_status == 143
     assert raised.value.step == sent[0] == 5
     assert os.path.isdir(tmp_path / "run" / "checkpoints" / "5")
+    # The read-ahead thread has ended, and the checkpoint holds the 5 batches consumed.
+    assert not [t for t in threading.enumerate() if t.name == "diffusion_jax-prefetch"]
+    saved = tmp_path / "run" / "checkpoints" / "5"
+    data_state = [p.read_text() for p in saved.rglob("*") if "data_state" in str(p) and p.is_file()]
+    assert any('"next_index":5' in text.replace(" ", "") for text in data_state), data_state
 
 
 # ------------------------------------------------------------------------------- metrics.jsonl
@@ -317,16 +323,32 @@ def test_metrics_file_deleted_during_a_run_is_recreated(monkeypatch, tmp_path, c
     assert steps == [20, 20, 25, 30, 35, 40, 40]  # the log and eval records from step 20 on
 
 
+def _without_timings(workdir) -> list[dict]:
+    """The records without the timings, nor ``loss_mean``: after a resume from a SIGTERM's
+    checkpoint between log steps, the first window's mean covers only the steps since."""
+    timings = {"steps_per_sec", "images_per_sec", "loss_mean"}
+    return [
+        {k: v for k, v in r.items() if k not in timings} for r in metrics_lib.read_metrics(workdir)
+    ]
+
+
 def test_kills_keep_metrics_ordered_and_a_stale_lock_blocks_nothing(tmp_path):
-    """Kills at random moments (SIGKILL, then SIGTERM of the resumed run), then a resume to the
-    end: the records are those of an uninterrupted run, in order, each once. A SIGKILLed run
-    leaves its pid in the lock file, and the next run starts all the same."""
+    """Kills at random moments (SIGKILL after the first checkpoint, then SIGTERM of the resumed
+    run), then a resume to the end: the records are those of an uninterrupted run, in order,
+    each once. A SIGKILLed run leaves its pid in the lock file, and the next run starts all the
+    same. The killed runs read up to 8 batches ahead (``data.prefetch``), the uninterrupted one
+    none: the losses, ``eval_loss`` and parameters are the same bit for bit, so each
+    checkpoint held the position of the batches consumed, not of those read ahead."""
     workdir = tmp_path / "run"
     run = dict(LONG_RUN, **{"train.num_steps": 400, "train.eval_every": 50})
+    reference = str(tmp_path / "reference")
+    config = h.apply_overrides(h.swissroll(), dict(run, **{"data.prefetch": 0}))
+    train.train_and_evaluate(config, reference)
     rng = random.Random(15)
     for signum in (signal.SIGKILL, signal.SIGTERM):
-        process = _popen_train(workdir, run)
-        _wait_for_step(workdir, process, 1 + max(h.losses_by_step(workdir), default=0))
+        process = _popen_train(workdir, run, data__prefetch=8)
+        # SIGKILL once the step-50 checkpoint is saved (step 60 logged), so that it resumes.
+        _wait_for_step(workdir, process, max(60, 1 + max(h.losses_by_step(workdir), default=0)))
         time.sleep(rng.uniform(0.0, 0.5))
         process.send_signal(signum)
         _, stderr = process.communicate(timeout=120)
@@ -341,6 +363,9 @@ def test_kills_keep_metrics_ordered_and_a_stale_lock_blocks_nothing(tmp_path):
     assert [(r["step"], "eval_loss" in r) for r in records] == sorted(logged | evaluated)
     with open(workdir / "metrics.jsonl") as f:
         assert all(json.loads(line) for line in f)  # no torn line left
+    assert _without_timings(str(workdir)) == _without_timings(reference)
+    h.assert_trees_equal(h.final_params(workdir), h.final_params(reference))
+    h.assert_trees_equal(h.final_params(workdir, "ema"), h.final_params(reference, "ema"))
 
 
 def test_full_disk_stops_the_run_and_loses_nothing_saved(monkeypatch, tmp_path):
