@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import types
 
+import numpy as np
 import pytest
 import trainer_helpers as h
 
@@ -105,3 +106,30 @@ def test_table_prints_each_group_and_the_ceiling(monkeypatch):
     assert "| 0.60 (0.20) |" in lines[2] and "| 1.300 (0.600) |" in lines[2]
     assert lines[2].endswith("| 2.5 |")  # the highest load of the group
     assert "real digits" in lines[3] and "| 0.86 |" in lines[3] and "0.050 (0.010)" in lines[3]
+
+
+def test_peer_has_our_parameter_count_trains_and_samples_uint8_digits():
+    """The diffusers peer: the same parameter count as our default digits U-Net; a tiny copy
+    trains its given steps and samples uint8 digits."""
+    torch = pytest.importorskip("torch")
+    from benchmarks import peer_quality
+
+    config = qpm.recipe_config("default")
+    theirs = peer_quality.compare_torch.diffusers_unet(config, peer_quality.SHAPE)
+    assert peer_quality.our_param_count(config) == sum(p.numel() for p in theirs.parameters())
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny network: one thread is fastest; restored below
+    tiny = qpm.apply_overrides(
+        qpm.recipe_config("default"),
+        {"model.ch": 8, "model.num_groups": 4, "data.batch_size": 8, "optim.warmup_steps": 1},
+    )
+    try:
+        model, ema, stats = peer_quality.train_peer(
+            tiny, seed=0, budget_seconds=1e9, schedule_steps=3
+        )
+        images = peer_quality.sample_peer(tiny, model, ema, num=3, seed=0, steps=2)
+    finally:
+        torch.set_num_threads(threads)
+    assert stats["steps"] == 3 and not stats["budget_spent"] and stats["steps_per_s"] is None
+    assert images.dtype == np.uint8 and images.shape == (3, 8, 8, 1)
