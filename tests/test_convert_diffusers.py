@@ -145,18 +145,22 @@ def convert(folder, dataset="converted"):
     unet_dir, unet_config, scheduler_config, _ = from_diffusers.read_configs(str(folder))
     config = from_diffusers.build_config(unet_config, scheduler_config, dataset=dataset)
     shape = (config.data.image_size, config.data.image_size, unet_config.get("in_channels", 3))
+    classes = unet_config.get("num_class_embeds")  # appended null label: as many classes
     params = from_diffusers.convert_state_dict(
-        from_diffusers.load_state_dict(unet_dir), config, shape
+        from_diffusers.load_state_dict(unet_dir), config, shape, num_classes=classes
     )
     return config, params, shape
 
 
-def outputs(model, config, params, shape, x, t):
-    """(ours, diffusers') outputs, both NHWC float32."""
-    net = config_lib.build_model(config, shape, None)
-    ours = compile_for_test(net.apply, {"params": params}, x, t)({"params": params}, x, t)
+def outputs(model, config, params, shape, x, t, y=None):
+    """(ours, diffusers') outputs, both NHWC float32; ``y`` the labels of a conditional one."""
+    classes = None if y is None else params["label_embed"]["embedding"].shape[0] - 1
+    net = config_lib.build_model(config, shape, classes)
+    args = (x, t) if y is None else (x, t, jnp.asarray(y, jnp.int32))
+    ours = compile_for_test(net.apply, {"params": params}, *args)({"params": params}, *args)
+    labels = None if y is None else torch.from_numpy(np.asarray(y))
     with torch.no_grad():
-        theirs = model(torch.from_numpy(np.array(x).transpose(0, 3, 1, 2)), torch.from_numpy(t))
+        theirs = model(nchw(np.array(x)), torch.from_numpy(t), class_labels=labels)
     return np.asarray(ours), theirs.sample.numpy().transpose(0, 2, 3, 1)
 
 
@@ -210,9 +214,10 @@ def test_release_configs_convert_to_ddpm_networks():
         ("cifar10-32 layout", small(CIFAR10, size=16)),
         ("256 layout (celebahq, church, bedroom, cat)", small(LSUN_256)),
         # UNet2DModel's own defaults: cos-then-sin embedding, shift 0, symmetric padding,
-        # eps 1e-5, 8-channel heads; with scale-shift conditioning and a learned variance.
+        # eps 1e-5, 8-channel heads; with scale-shift conditioning, a learned variance and
+        # class labels.
         (
-            "diffusers defaults, scale_shift, learned_range",
+            "diffusers defaults, scale_shift, learned_range, labels",
             {
                 "block_out_channels": [16, 32],
                 "down_block_types": ["AttnDownBlock2D", "AttnDownBlock2D"],
@@ -223,6 +228,7 @@ def test_release_configs_convert_to_ddpm_networks():
                 "sample_size": 8,
                 "out_channels": 6,
                 "resnet_time_scale_shift": "scale_shift",
+                "num_class_embeds": 5,
             },
         ),
     ],
@@ -243,11 +249,15 @@ def test_small_networks_match_diffusers(tmp_path, name, unet_config):
             1e-5,
         )
         assert m.head_dim == 8 and m.use_scale_shift_norm
-        assert config.diffusion.variance == "learned_range"
+        assert config.diffusion.variance == "learned_range" and m.class_conditional
+        # Five classes and the appended null label, a zero row.
+        assert params["label_embed"]["embedding"].shape == (6, 64)
+        assert not np.any(params["label_embed"]["embedding"][5])
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal((2, *shape)), jnp.float32)
     t = np.array([0, 999])
-    ours, theirs = outputs(model, config, params, shape, x, t)
+    y = np.array([4, 1]) if "labels" in name else None
+    ours, theirs = outputs(model, config, params, shape, x, t, y)
     assert_same_output(ours, theirs)
 
 
@@ -478,7 +488,8 @@ def test_cli_workdir_samples_with_sample_py(tiny_release, tmp_path, capsys):
     [
         ("center_input_sample", True),
         ("time_embedding_type", "fourier"),
-        ("num_class_embeds", 10),
+        ("class_embed_type", "timestep"),
+        ("num_class_embeds", 0),
         ("down_block_types", ["DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D", "DownBlock2D"]),
         ("up_block_types", ["UpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"]),
         ("block_out_channels", [128, 192, 256, 256]),
@@ -543,3 +554,24 @@ def test_explicit_betas_are_checked():
     config.diffusion.betas = [0.5] * 19 + [1.5]
     with pytest.raises(ValueError, match=r"config.diffusion.betas is not valid: .* \[19\]"):
         config_lib.validate_config(config)
+
+
+def test_class_embeddings_take_a_null_label():
+    unet = {**small(CIFAR10, size=16), "num_class_embeds": 3}
+    config = from_diffusers.build_config(unet, DDPM_SCHEDULER)
+    assert config.model.class_conditional
+    table = randomise(diffusers.UNet2DModel(**unet)).state_dict()
+    state = {k: v.numpy() for k, v in table.items()}
+    rows = state["class_embedding.weight"]
+    assert from_diffusers.num_classes(3, "append") == 3
+    appended = from_diffusers.convert_state_dict(state, config, (16, 16, 3), num_classes=3)
+    np.testing.assert_array_equal(appended["label_embed"]["embedding"][:3], rows)
+    assert not np.any(appended["label_embed"]["embedding"][3])  # the null label adds nothing
+    # A to-diffusers export stores our null label as its last row: --null_label last.
+    assert from_diffusers.num_classes(3, "last") == 2
+    last = from_diffusers.convert_state_dict(state, config, (16, 16, 3), num_classes=2)
+    np.testing.assert_array_equal(last["label_embed"]["embedding"], rows)
+    with pytest.raises(ValueError, match="config field num_class_embeds = 1"):
+        from_diffusers.num_classes(1, "last")
+    with pytest.raises(ValueError, match=r"state dict key class_embedding\.weight has shape"):
+        from_diffusers.convert_state_dict(state, config, (16, 16, 3), num_classes=5)

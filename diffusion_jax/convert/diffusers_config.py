@@ -11,14 +11,21 @@ diffusers does when it loads the folder):
   -> ``head_dim`` (None: one head per block, ``num_heads = 1``); ``resnet_time_scale_shift``
   ``"default"`` / ``"scale_shift"`` -> ``use_scale_shift_norm``; ``dropout``;
   ``sample_size`` -> ``data.image_size``; ``in_channels`` (the data's channels) and
-  ``out_channels`` (the same, or twice with a learned variance).
+  ``out_channels`` (the same, or twice with a learned variance); ``num_class_embeds`` N (with
+  ``class_embed_type`` unset: an ``nn.Embedding`` added to the time embedding) ->
+  ``model.class_conditional`` and our ``label_embed``, whose last row is the null label of
+  classifier-free guidance: with ``null_label="append"`` (the default) N classes and a zero
+  null row appended (the null label then adds nothing; the model was never trained without a
+  label), with ``"last"`` N - 1 classes and the file's last row as the null label (what
+  ``to-diffusers`` exports).
 - ``down_block_types`` / ``up_block_types``: ``DownBlock2D`` / ``UpBlock2D`` and
   ``AttnDownBlock2D`` / ``AttnUpBlock2D``; a level with attention on the way down must have it
   on the way up; it becomes ``attn_resolutions`` (the level's height ``sample_size / 2**l``).
 - Refused, each with one line naming the field and its value: other block types,
   ``mid_block_type`` other than ``UNetMidBlock2D``, ``add_attention = False``,
   ``time_embedding_type`` other than ``positional``, a ``time_embedding_dim`` other than
-  ``4 * c0``, ``center_input_sample``, ``class_embed_type`` / ``num_class_embeds``,
+  ``4 * c0``, ``center_input_sample``, ``class_embed_type`` (timestep or identity class
+  embeddings),
   ``act_fn`` other than silu, ``mid_block_scale_factor != 1``, ``downsample_type`` /
   ``upsample_type`` other than conv, ``attn_norm_num_groups`` other than ``norm_num_groups``
   (or, with ``scale_shift``, unset: the middle attention would have no GroupNorm), a
@@ -158,7 +165,7 @@ def unet_fields(config: Mapping[str, Any]) -> dict[str, Any]:
 
     Returns:
       ``{"model": {...config.model fields}, "image_size": int, "channels": int,
-      "out_channels": int}``.
+      "out_channels": int, "num_class_embeds": int | None}``.
 
     Raises:
       ValueError: one line naming the first field the U-Net cannot represent exactly.
@@ -178,8 +185,7 @@ def unet_fields(config: Mapping[str, Any]) -> dict[str, Any]:
         "time_embedding_type": ("positional", "only the sinusoidal embedding is built in"),
         "mid_block_type": ("UNetMidBlock2D", "the middle is ResNet, attention, ResNet"),
         "add_attention": (True, "the middle block always attends"),
-        "class_embed_type": (None, "class embeddings are not converted"),
-        "num_class_embeds": (None, "class embeddings are not converted"),
+        "class_embed_type": (None, "only an embedding table of labels converts"),
         "mid_block_scale_factor": (1, "the residual branches are not rescaled"),
         "downsample_type": ("conv", "downsampling is a strided convolution"),
         "upsample_type": ("conv", "upsampling is nearest + convolution"),
@@ -255,6 +261,11 @@ def unet_fields(config: Mapping[str, Any]) -> dict[str, Any]:
             raise field_error(
                 "attention_head_dim", head_dim, f"must divide every attention width ({bad})"
             )
+    labels = c["num_class_embeds"]
+    if labels is not None and (
+        isinstance(labels, bool) or not isinstance(labels, int) or labels < 1
+    ):
+        raise field_error("num_class_embeds", labels, "must be a positive number of classes")
     dropout = c["dropout"]
     if not isinstance(dropout, int | float) or not 0 <= dropout < 1:
         raise field_error("dropout", dropout, "must lie in [0, 1)")
@@ -279,13 +290,14 @@ def unet_fields(config: Mapping[str, Any]) -> dict[str, Any]:
         "freq_shift": float(c["freq_shift"]),
         "head_dim": head_dim,
         "timestep_scale": 1.0,
-        "class_conditional": False,
+        "class_conditional": labels is not None,
     }
     return {
         "model": model,
         "image_size": size,
         "channels": int(c["in_channels"]),
         "out_channels": int(c["out_channels"]),
+        "num_class_embeds": labels,
     }
 
 

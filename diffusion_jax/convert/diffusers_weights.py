@@ -10,7 +10,9 @@ conv_shortcut -> skip``); ``down_blocks.{l}.attentions.{b}`` -> ``down{l}_attn{b
 ``down_blocks.{l}.downsamplers.0.conv`` -> ``down{l}_downsample``; ``mid_block.resnets.0/1``,
 ``mid_block.attentions.0`` -> ``mid_block0/1``, ``mid_attn``; ``up_blocks.{i}`` -> level
 ``L - 1 - i``: ``up{l}_block{b}``, ``up{l}_attn{b}``, ``up_blocks.{i}.upsamplers.0.conv`` ->
-``up{l}_upsample``; ``conv_norm_out`` -> ``norm_out``; ``conv_out``. Every key is used exactly
+``up{l}_upsample``; ``conv_norm_out`` -> ``norm_out``; ``conv_out``; ``class_embedding``
+``[N, 4 c0]`` -> ``label_embed/embedding`` (with a zero null row appended when our table has
+N + 1 rows). Every key is used exactly
 once and every parameter filled, else one line names the unused or missing key.
 
 ``.safetensors`` files are read with ``safetensors.numpy`` (no torch); ``.bin`` needs torch.
@@ -72,6 +74,7 @@ def _our_path(key: str, num_levels: int) -> tuple[str, str, str] | None:
     patterns = [
         (r"time_embedding\.linear_([12])", lambda m: (f"temb_dense{int(m[1]) - 1}", None)),
         (r"conv_in", lambda m: ("conv_in", None)),
+        (r"class_embedding", lambda m: ("label_embed", None)),
         (r"conv_norm_out", lambda m: ("norm_out", None)),
         (r"conv_out", lambda m: ("conv_out", None)),
         (r"down_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)", lambda m: (f"down{m[1]}_block{m[2]}", m[3])),
@@ -112,6 +115,10 @@ def _our_path(key: str, num_levels: int) -> tuple[str, str, str] | None:
 def _to_flax(value: np.ndarray, leaf: str, target: tuple) -> np.ndarray | None:
     """A torch tensor in the layout of our leaf of shape ``target`` (None if it cannot be)."""
     value = np.asarray(value, np.float32)
+    if leaf == "embedding":  # [N, E]; our table may hold one more row, the null label (zeros)
+        if value.ndim == 2 and value.shape[0] + 1 == target[0]:
+            value = np.concatenate([value, np.zeros_like(value[:1])])
+        return value
     if leaf == "bias" or leaf == "scale":
         return value if value.shape == target else None
     if len(target) == 4:  # conv [kh, kw, in, out] <- [out, in, kh, kw]
@@ -124,7 +131,11 @@ def _to_flax(value: np.ndarray, leaf: str, target: tuple) -> np.ndarray | None:
 
 
 def convert_state_dict(
-    state: Mapping[str, np.ndarray], config: ml_collections.ConfigDict, data_shape: tuple
+    state: Mapping[str, np.ndarray],
+    config: ml_collections.ConfigDict,
+    data_shape: tuple,
+    *,
+    num_classes: int | None = None,
 ) -> dict[str, Any]:
     """Maps a ``UNet2DModel`` state dict onto the parameter tree of our U-Net.
 
@@ -132,6 +143,9 @@ def convert_state_dict(
       state: diffusers key -> array (torch layout).
       config: the converted run config (:func:`build_config`).
       data_shape: ``(H, W, C)``.
+      num_classes: our classes for a class-conditional config (``label_embed`` gets
+        ``num_classes + 1`` rows; a ``class_embedding`` of ``num_classes`` rows gets a zero null
+        row appended), None for an unconditional one.
 
     Returns:
       Our parameters, a nested dict of float32 NumPy arrays.
@@ -139,9 +153,9 @@ def convert_state_dict(
     Raises:
       ValueError: one line naming the first unused key, mis-shaped key or missing parameter.
     """
-    model = config_lib.build_model(config, data_shape, None)
-    x, t, _ = example_inputs(data_shape, conditional=False)
-    shapes = jax.eval_shape(model.init, jax.random.key(0), x, t)["params"]
+    model = config_lib.build_model(config, data_shape, num_classes)
+    x, t, kwargs = example_inputs(data_shape, conditional=num_classes is not None)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), x, t, **kwargs)["params"]
     num_levels = len(config.model.ch_mult)
     params: dict[str, dict[str, dict[str, np.ndarray]]] = {}
     for key in sorted(state):
@@ -153,6 +167,8 @@ def convert_state_dict(
         node = targets.get(layer, {}) if layer else targets
         if layer in _NORMS or module == "norm_out":
             leaf = _GROUP_NORM[leaf]
+        elif module == "label_embed":
+            leaf = {"weight": "embedding"}.get(leaf, leaf)
         else:
             leaf = {"weight": "kernel", "bias": "bias"}[leaf]
         if leaf not in node:

@@ -56,11 +56,40 @@ __all__ = [
     "convert_state_dict",
     "diffusers_betas",
     "load_state_dict",
+    "num_classes",
     "read_configs",
     "run",
     "scheduler_fields",
     "unet_fields",
 ]
+
+
+NULL_LABELS = ("append", "last")
+
+
+def num_classes(num_class_embeds: int | None, null_label: str) -> int | None:
+    """Our number of classes for a U-Net with ``num_class_embeds`` label rows: all of them with
+    a null row appended (``"append"``), or all but the last, which is the null label
+    (``"last"``); None for an unconditional U-Net.
+
+    Raises:
+      ValueError: an unknown ``null_label``, or ``"last"`` with a single row.
+
+    Example:
+      >>> num_classes(10, "append"), num_classes(11, "last"), num_classes(None, "append")
+      (10, 10, None)
+    """
+    if null_label not in NULL_LABELS:
+        raise ValueError(f"--null_label {null_label!r}: choose one of {NULL_LABELS}")
+    if num_class_embeds is None:
+        return None
+    if null_label == "last":
+        if num_class_embeds < 2:
+            raise field_error(
+                "num_class_embeds", num_class_embeds, "--null_label last needs a class besides it"
+            )
+        return num_class_embeds - 1
+    return num_class_embeds
 
 
 def build_config(
@@ -166,7 +195,7 @@ def read_configs(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Adds ``--src``, ``--unet``, ``--scheduler``, ``--dataset`` and ``--out``."""
+    """Adds ``--src``, ``--unet``, ``--scheduler``, ``--dataset``, ``--null_label``, ``--out``."""
     parser.add_argument("--src", help="hub-layout folder (unet/, scheduler/) or a flat folder")
     parser.add_argument("--unet", help="the U-Net folder (config.json + weights)")
     parser.add_argument("--scheduler", help="the scheduler folder or scheduler_config.json")
@@ -175,6 +204,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="config.data.name of the workdir (default: cifar10 for a cifar10 model, else "
         "'converted'); the bound and FID evaluate on it",
+    )
+    parser.add_argument(
+        "--null_label",
+        choices=NULL_LABELS,
+        default="append",
+        help="a class-conditional U-Net (num_class_embeds): append a zero row as the null label "
+        "of classifier-free guidance (default), or take the last row as it (a to-diffusers "
+        "export)",
     )
     parser.add_argument("--out", required=True, help="workdir to write")
 
@@ -197,13 +234,17 @@ def run(args: argparse.Namespace) -> str:
         where = os.path.abspath(args.src or unet_dir).lower()
         dataset = "cifar10" if "cifar10" in where else "converted"
     config = build_config(unet_config, scheduler_config, dataset=dataset)
-    size, channels = config.data.image_size, unet_fields(unet_config)["channels"]
-    params = convert_state_dict(load_state_dict(unet_dir), config, (size, size, channels))
+    net = unet_fields(unet_config)
+    null_label = getattr(args, "null_label", "append")
+    classes = num_classes(net["num_class_embeds"], null_label)
+    shape = (config.data.image_size, config.data.image_size, net["channels"])
+    params = convert_state_dict(load_state_dict(unet_dir), config, shape, num_classes=classes)
     source = {
         "format": "diffusers",
         "unet": os.path.abspath(unet_dir),
         "scheduler": scheduler_path and os.path.abspath(scheduler_path),
         "unet_config": unet_config,
         "scheduler_config": scheduler_config,
+        "null_label": null_label if classes is not None else None,
     }
     return workdir.write_workdir(args.out, config, params, source=source)
