@@ -227,9 +227,9 @@ def sample(
         callback=callback,
         hook_kwargs=hook_kwargs,
     )
-    method_ = sampler_options.method
+    chosen = sampler_options.method
     x_T_scale = 1.0
-    if method_.prepare is None:
+    if chosen.prepare is None:
         timesteps = timesteps_for(
             schedule.num_timesteps, sampler_options.num_steps, timestep_spacing
         )
@@ -238,12 +238,12 @@ def sample(
         # order); the plans of the other methods are those rows of the full run's.
         timesteps = timesteps[start:]
         if len(timesteps):
-            step_schedule, tables = method_.plan(schedule, timesteps)
+            step_schedule, tables = chosen.plan(schedule, timesteps)
     else:
-        timesteps, step_schedule, tables, x_T_scale = method_.prepare(
+        timesteps, step_schedule, tables, x_T_scale = chosen.prepare(
             schedule, sampler_options.num_steps, sampler_options.edm
         )
-        entries = None if method_.entry_points is None else method_.entry_points(tables)
+        entries = None if chosen.entry_points is None else chosen.entry_points(tables)
         start = steering.first_iteration(timesteps, t_start, entries)
         timesteps = timesteps[start:]
         tables = {name: table[start:] for name, table in tables.items()}
