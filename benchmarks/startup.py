@@ -32,9 +32,11 @@ Run (from the repository root; the tail needs a trained workdir, e.g. ``make dem
   .venv/bin/python benchmarks/startup.py --part tail --workdir out/digits
   .venv/bin/python benchmarks/startup.py --part startup --background --steps 200
 
-Read it: seconds from launch at the end of each phase, and each phase's own duration. The
-machine is shared (load average printed with each case): compare cases measured at similar
-load. Results go to ``benchmarks/results/startup.json``.
+Read it: seconds from launch at the end of each phase, each phase's own wall time, and the
+process's CPU seconds in it (all threads; the first phase's CPU excludes the interpreter's
+start). The machine is shared (load average printed with each case): wall times stretch with
+the load, CPU seconds much less, so compare CPU seconds across cases measured at different
+loads. Results go to ``benchmarks/results/startup.json`` and ``startup_tail.json``.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ _T0 = time.time()  # the child's own clock, for imports measured in process
 import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
+import resource  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -70,7 +73,14 @@ PHASES = [
 
 def _child(args: argparse.Namespace) -> None:
     """One start-up, in this fresh process; prints one JSON line of phase end times."""
-    stamps: dict[str, float] = {}
+
+    class Stamps(dict):
+        """name -> (wall, process CPU) at the moment the name is set (to anything)."""
+
+        def __setitem__(self, name, _):
+            super().__setitem__(name, (time.time(), time.process_time()))
+
+    stamps = Stamps()
     from absl import logging as absl_logging  # noqa: F401  (train.py imports absl first)
     from ml_collections import config_dict  # noqa: F401
 
@@ -154,25 +164,25 @@ def _run_child(cache: str, background: bool, steps: int) -> dict:
     if proc.returncode:
         raise SystemExit(f"child failed:\n{proc.stderr[-3000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    ends = {name: t - launched for name, t in result["stamps"].items()}
-    return {"load": load, "ends": ends}
+    ends = {name: wall - launched for name, (wall, _) in result["stamps"].items()}
+    cpu = {name: seconds for name, (_, seconds) in result["stamps"].items()}
+    return {"load": load, "ends": ends, "cpu": cpu}
 
 
 def _print_startup(name: str, case: dict) -> None:
-    ends = case["ends"]
+    ends, cpu = case["ends"], case["cpu"]
     print(f"\n{name} (load {case['load']:.1f})")
-    print(f"  {'phase':<20} {'ends at s':>9} {'takes s':>8}")
-    previous = 0.0
-    for phase in PHASES:
-        if phase == "eval" and "steps" in ends:
-            extra = ends["steps"] - ends["step 2"]
-            joined = ends["background joined"] - ends["steps"]
-            print(f"  {'(more steps)':<20} {ends['steps']:9.1f} {extra:8.1f}")
-            if joined > 0.05:
-                print(f"  {'(wait background)':<20} {ends['background joined']:9.1f} {joined:8.1f}")
-            previous = ends["background joined"]
-        print(f"  {phase:<20} {ends[phase]:9.1f} {ends[phase] - previous:8.1f}")
-        previous = ends[phase]
+    print(f"  {'phase':<20} {'ends at s':>9} {'takes s':>8} {'CPU s':>6}")
+    previous, previous_cpu = 0.0, 0.0
+    rows = list(PHASES)
+    if ends["steps"] - ends["step 2"] > 0.05 or ends["background joined"] - ends["steps"] > 0.05:
+        rows[rows.index("eval") : rows.index("eval")] = ["steps", "background joined"]
+    for phase in rows:
+        print(
+            f"  {phase:<20} {ends[phase]:9.1f} {ends[phase] - previous:8.1f} "
+            f"{cpu[phase] - previous_cpu:6.1f}"
+        )
+        previous, previous_cpu = ends[phase], cpu[phase]
 
 
 def _startup(args: argparse.Namespace) -> dict:
@@ -193,12 +203,18 @@ def _startup(args: argparse.Namespace) -> dict:
     return results
 
 
-def _timed(command: list[str], env: dict) -> float:
-    start = time.time()
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _timed(command: list[str], env: dict) -> tuple[float, float]:
+    """(wall, CPU) seconds of one command, from launch to exit."""
+    start, start_cpu = time.time(), _children_cpu()
     proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, check=False)
     if proc.returncode not in (0, 1):  # the digits check exits 1 on too few recognisable
         raise SystemExit(f"{' '.join(command)} failed:\n{proc.stderr[-3000:]}")
-    return time.time() - start
+    return time.time() - start, _children_cpu() - start_cpu
 
 
 def _tail(args: argparse.Namespace) -> dict:
@@ -228,10 +244,12 @@ def _tail(args: argparse.Namespace) -> dict:
         print(f"\ntail, {case} cache")
         for name, command in commands.items():
             load = _load()
-            rows[name] = {"seconds": _timed(command, env), "load": load}
-            print(f"  {name:<38} {rows[name]['seconds']:6.1f} s  (load {load:.1f})")
-        total = sum(r["seconds"] for n, r in rows.items() if not n.startswith("python -c"))
-        print(f"  {'total (the demo tail)':<38} {total:6.1f} s")
+            wall, cpu = _timed(command, env)
+            rows[name] = {"seconds": wall, "cpu_seconds": cpu, "load": load}
+            print(f"  {name:<38} {wall:6.1f} s  CPU {cpu:5.1f} s  (load {load:.1f})")
+        tail = [r for n, r in rows.items() if not n.startswith("python -c")]
+        wall, cpu = sum(r["seconds"] for r in tail), sum(r["cpu_seconds"] for r in tail)
+        print(f"  {'total (the demo tail)':<38} {wall:6.1f} s  CPU {cpu:5.1f} s")
         results[case] = rows
     shutil.rmtree(cache, ignore_errors=True)
     shutil.rmtree(out, ignore_errors=True)
@@ -253,12 +271,12 @@ def main() -> None:
     sys.path.insert(0, REPO)
     from benchmarks import common
 
-    payload = {"machine": common.machine()}
     if args.part in ("startup", "both"):
-        payload["startup"] = _startup(args)
+        payload = {"machine": common.machine(), "startup": _startup(args)}
+        print("\nwrote", common.write_json("startup", payload))
     if args.part in ("tail", "both"):
-        payload["tail"] = _tail(args)
-    print("\nwrote", common.write_json("startup", payload))
+        payload = {"machine": common.machine(), "tail": _tail(args)}
+        print("\nwrote", common.write_json("startup_tail", payload))
 
 
 if __name__ == "__main__":
