@@ -11,8 +11,10 @@ The network is trained on EDM's continuous sigma; the samplers see it as an x0-p
 on the linear schedule below (sigma_t from 0.01 to 157, EDM's range of 0.002 to 80 rounded to
 the schedule's timesteps), so every method of ``sample.py`` applies. sigma_data is the measured
 standard deviation of the train digits' pixels in [-1, 1] (0.752). Expect: 3,000 steps in about
-the time of configs/digits.py (the same network and batch); the comparison with the DDPM recipe
-at 10, 20 and 35 model evaluations is in benchmarks/README.md ("EDM training vs DDPM").
+the time of configs/digits.py (the same network and batch); a training loss near 0.33 and a
+held-out loss near 0.36 (EDM's weighted loss, not comparable with DDPM's eps MSE); on 100
+samples, heun-18 (35 evaluations) about three in four recognisable, all 10 classes, as the DDPM
+recipe's DDIM-50 (benchmarks/README.md, "EDM training vs DDPM", has the measurements).
 """
 
 from configs import digits
