@@ -9,13 +9,14 @@ change in the shared machine's load falls on both:
     checkpoint, evaluation and sample intervals (``--loop_steps`` steps in all): steps/s of
     each log window from ``metrics.jsonl``. The first window (compilation) is dropped; the
     "steady" figure is the median of the others, the "overall" one is the steps of all the
-    others over their summed time (it includes the checkpoints and evaluations that fall due).
+    others over their summed time (it includes the checkpoint and evaluation at step 500 when
+    ``--loop_steps`` passes it, as the default 550 does).
 
 Each round runs the loop once per ``--prefetch`` value (``data.prefetch``: 0 reads and places
 each batch in the loop's thread, as the loop did before the prefetcher; 2 is the default), each
 followed by a step measurement. The ratio loop/step is printed per loop run (over the mean of
-the step figures measured just before and after it) and averaged per value. Results go to
-``benchmarks/results/loop_throughput<--tag>.json``.
+the step figures measured just before and after it), and its median over the rounds per value.
+Results go to ``benchmarks/results/loop_throughput<--tag>.json``.
 
 Run (from the repository root):
   .venv/bin/python benchmarks/loop_throughput.py                  # 2 rounds, ~8 min idle
@@ -155,8 +156,9 @@ def main():
     summary = {}
     for prefetch in args.prefetch:
         runs = [r for r in loop_runs if r["prefetch"] == prefetch]
+        # Medians over the rounds: on a loaded machine one round can be far off.
         summary[prefetch] = {
-            key: float(np.mean([r[key] for r in runs]))
+            key: float(np.median([r[key] for r in runs]))
             for key in (
                 "step_steps_per_sec",
                 "steady_steps_per_sec",
