@@ -176,6 +176,11 @@ class BatchIterator(grain.DatasetIterator):
     batches an uninterrupted run would have yielded; restoring it into a different stream raises
     ValueError.
 
+    One thread at a time may call it: the trainer restores its state first, then hands it to
+    its read-ahead thread (``diffusion_jax.train.prefetch``), which takes ``get_state`` after
+    each batch so that a checkpoint holds the position of the batches consumed, not read ahead.
+    grain's own reader threads (``num_threads``) and buffer (``prefetch_batches``) sit behind it.
+
     Attributes:
       steps_per_epoch: global batches in one epoch (the remainder of each epoch is dropped).
     """

@@ -5,8 +5,10 @@ pieces live beside it: the state and the step in :mod:`~diffusion_jax.train.step
 initialising in :mod:`~diffusion_jax.train.resume`, log lines and the non-finite stop in
 :mod:`~diffusion_jax.train.monitor`, when periodic work is due in
 :mod:`~diffusion_jax.train.periodic`, SIGTERM in :mod:`~diffusion_jax.train.preemption`, the
-start-up checks in :mod:`~diffusion_jax.train.preflight` and the workdir's lock in
-:mod:`~diffusion_jax.train.lock`.
+start-up checks in :mod:`~diffusion_jax.train.preflight`, the workdir's lock in
+:mod:`~diffusion_jax.train.lock`, and the batches read and placed on the devices ahead of the
+step (``data.prefetch``) in :mod:`~diffusion_jax.train.prefetch`. In the steady state the host
+waits for the device only to read the previous step's non-finite counter and at log steps.
 Since every draw in the step is over the global batch, the same global batch gives the same
 loss on 1 device or 8.
 """
