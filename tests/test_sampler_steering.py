@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_samplers import MU, SCHEDULES, STD, _denoise, exact_model, learned_variance_model
+from test_samplers import MU, SCHEDULES, STD, _denoise, learned_variance_model
+from test_samplers import exact_model as shared_exact_model
 
 from diffusion_jax import diffusion, samplers
 from diffusion_jax.samplers import edm, keep_known, shift_by_score, step_noise, timesteps_for
@@ -35,6 +36,28 @@ from diffusion_jax.samplers.validation import make_options
 from diffusion_jax.schedules import from_betas, rescale_zero_terminal_snr
 
 COSINE = SCHEDULES["cosine100"]
+
+
+@functools.cache
+def exact_model(*args, **kwargs):
+    """test_samplers' ideal model, built here: its shared cache may hold a model first built
+    inside another test's trace, whose tables are then leaked tracers."""
+    return shared_exact_model.__wrapped__(*args, **kwargs)
+
+
+@functools.cache
+def with_learned_variance(num_steps, mean_model):
+    """``mean_model`` with the ideal learned-variance half of N(MU, STD^2) on the respaced
+    chain (test_samplers.learned_variance_model): ancestral sampling is then exact."""
+    variance_model = learned_variance_model(num_steps)
+
+    def model_fn(params, x_t, t):
+        variance = variance_model(params, x_t, t)[..., x_t.shape[-1] :]
+        return jnp.concatenate([mean_model(params, x_t, t), variance], -1)
+
+    return model_fn
+
+
 STATS_SHAPE = (4096, 4)  # 4096 draws a column: standard error 1.1% on a std
 
 METHODS = [
@@ -76,10 +99,11 @@ def test_given_x_T_reproduces_the_drawn_run(method, options):
 
 def test_changing_x_T_and_hook_arrays_does_not_recompile():
     traces = []
+    exact = exact_model()  # built outside the trace (it is cached)
 
     def model_fn(params, x_t, t):
         traces.append(x_t.shape)
-        return exact_model()(params, x_t, t)
+        return exact(params, x_t, t)
 
     for seed in (0, 1):
         x_T = jax.random.normal(jax.random.key(seed), (8, 4))
@@ -140,7 +164,8 @@ def test_sdedit_samples_the_exact_posterior_of_the_noised_input():
     num_steps, t_start = 20, 60
     x_s = jnp.array([-0.9, -0.2, 0.5, 1.2])  # one input per column
     trajectory = samplers.sample(
-        learned_variance_model(num_steps), None, COSINE, jax.random.key(7), STATS_SHAPE,
+        with_learned_variance(num_steps, exact_model()), None, COSINE, jax.random.key(7),
+        STATS_SHAPE,
         method="ddpm", num_steps=num_steps, variance="learned_range", clip_x0=False,
         x_start=jnp.broadcast_to(x_s, STATS_SHAPE), t_start=t_start, return_trajectory=True,
         trajectory_every=1,
@@ -186,23 +211,11 @@ KNOWN = jnp.array([0.9, -0.8, 0.0, 0.0])  # dims 0 and 1 known, far from their m
 MASK = jnp.array([1.0, 1.0, 0.0, 0.0])
 
 
-@functools.cache
-def _independent_pixels_model(num_steps):
-    """The ideal learned-variance model of N(INPAINT_MU, STD^2 I): pixels independent."""
-    variance_half = learned_variance_model(num_steps)
-    mean_half = exact_model("eps", mu=INPAINT_MU)
-
-    def model_fn(params, x_t, t):
-        variance = variance_half(params, x_t, t)[..., x_t.shape[-1] :]
-        return jnp.concatenate([mean_half(params, x_t, t), variance], -1)
-
-    return model_fn
-
-
 def test_inpainting_keeps_known_pixels_and_samples_the_unknown_conditional():
     num_steps, key = 20, jax.random.key(11)
     trajectory = samplers.sample(
-        _independent_pixels_model(num_steps), None, COSINE, key, STATS_SHAPE, method="ddpm",
+        with_learned_variance(num_steps, exact_model(mu=INPAINT_MU)), None, COSINE, key,
+        STATS_SHAPE, method="ddpm",
         num_steps=num_steps, variance="learned_range", clip_x0=False, callback=keep_known,
         hook_kwargs={"known": jnp.broadcast_to(KNOWN, STATS_SHAPE), "mask": MASK},
         return_trajectory=True, trajectory_every=1,
