@@ -14,8 +14,6 @@ float64 recursion written from the DDIM equations, in every parameterisation.
 
 from __future__ import annotations
 
-import functools
-
 import chex
 import jax
 import jax.numpy as jnp
@@ -30,16 +28,7 @@ from diffusion_jax.samplers import inversion, timesteps_for
 SCHEDULE = SCHEDULES["linear1000"]
 
 
-# test_samplers' ideal models, built here: its shared caches may hold a model first built
-# inside another test's trace, whose tables are then leaked tracers.
-@functools.cache
-def exact_model(*args, **kwargs):
-    return test_samplers.exact_model.__wrapped__(*args, **kwargs)
-
-
-@functools.cache
-def labelled_model(*args, **kwargs):
-    return test_samplers.labelled_model.__wrapped__(*args, **kwargs)
+exact_model, labelled_model = test_samplers.exact_model, test_samplers.labelled_model
 
 
 ABAR = np.cumprod(1.0 - np.asarray(SCHEDULE.betas, np.float64))

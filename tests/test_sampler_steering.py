@@ -26,8 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_samplers import MU, SCHEDULES, STD, _denoise, learned_variance_model
-from test_samplers import exact_model as shared_exact_model
+from test_samplers import MU, SCHEDULES, STD, _denoise, exact_model, learned_variance_model
 
 from diffusion_jax import diffusion, samplers
 from diffusion_jax.samplers import edm, keep_known, shift_by_score, step_noise, timesteps_for
@@ -36,13 +35,6 @@ from diffusion_jax.samplers.validation import make_options
 from diffusion_jax.schedules import from_betas, rescale_zero_terminal_snr
 
 COSINE = SCHEDULES["cosine100"]
-
-
-@functools.cache
-def exact_model(*args, **kwargs):
-    """test_samplers' ideal model, built here: its shared cache may hold a model first built
-    inside another test's trace, whose tables are then leaked tracers."""
-    return shared_exact_model.__wrapped__(*args, **kwargs)
 
 
 @functools.cache

@@ -61,9 +61,11 @@ def _denoise(abar_sqrt, sigma, x_t, mu, std):
 def exact_model(parameterization="eps", mu=MU, std=STD, schedule="cosine100"):
     """The ideal network for data N(mu, std^2) (per dimension if mu is a tuple)."""
     sched = SCHEDULES[schedule]
-    sqrt_abar = jnp.asarray(sched.sqrt_alphas_cumprod)
-    sigma_table = jnp.asarray(sched.sqrt_one_minus_alphas_cumprod)
-    mu = jnp.asarray(mu, jnp.float32)
+    # Cached: its tables must be concrete even when it is first built inside a jit trace.
+    with jax.ensure_compile_time_eval():
+        sqrt_abar = jnp.asarray(sched.sqrt_alphas_cumprod)
+        sigma_table = jnp.asarray(sched.sqrt_one_minus_alphas_cumprod)
+        mu = jnp.asarray(mu, jnp.float32)
 
     def model_fn(params, x_t, t):
         assert t.dtype == jnp.int32 and t.shape == x_t.shape[:1]
@@ -95,7 +97,8 @@ def learned_variance_model(num_steps, spacing="linspace", parameterization="eps"
     frac[0] = 0.0  # the last step adds no noise
     v_by_t = np.zeros(T, np.float32)
     v_by_t[np.sort(steps)] = 2.0 * frac - 1.0
-    v_by_t = jnp.asarray(v_by_t)
+    with jax.ensure_compile_time_eval():
+        v_by_t = jnp.asarray(v_by_t)
     mean_model = exact_model(parameterization)
 
     def model_fn(params, x_t, t):
@@ -565,8 +568,9 @@ def labelled_model(parameterization="eps", learned=False, pre_guided_scale=None)
     it ignores its labels and returns uncond + w (cond - uncond) for labels ``y_cond`` and
     NULL itself (keeping the conditional variance half): what guidance must compute.
     """
-    sqrt_abar = jnp.asarray(SCHEDULE.sqrt_alphas_cumprod)
-    sigma_table = jnp.asarray(SCHEDULE.sqrt_one_minus_alphas_cumprod)
+    with jax.ensure_compile_time_eval():  # concrete even if first built inside a trace
+        sqrt_abar = jnp.asarray(SCHEDULE.sqrt_alphas_cumprod)
+        sigma_table = jnp.asarray(SCHEDULE.sqrt_one_minus_alphas_cumprod)
 
     def base(params, x_t, t, y):
         a, sigma = sqrt_abar[t][:, None], sigma_table[t][:, None]
