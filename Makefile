@@ -29,6 +29,8 @@ $(TEST_STAMP): pyproject.toml | $(VENV)/bin/python
 
 venv: $(TEST_STAMP)
 
+# train.py, sample.py and the plots keep what XLA compiles in ~/.cache/diffusion_jax/jax, so a
+# second `make demo` skips most compilation (DIFFUSION_JAX_COMPILATION_CACHE=off|DIR to change).
 demo: $(BASE_STAMP)
 	$(PY) train.py --config configs/digits.py --workdir $(OUT)/digits
 	$(PY) sample.py --workdir $(OUT)/digits --num 100 --method ddim --steps 50 \
