@@ -200,6 +200,8 @@ def _startup(args: argparse.Namespace) -> dict:
         results[name] = case
         _print_startup(name, case)
     shutil.rmtree(cache, ignore_errors=True)
+    if args.background:
+        shutil.rmtree(background_cache, ignore_errors=True)
     return results
 
 
