@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import itertools
+import math
 
 import chex
 import jax
@@ -75,21 +76,31 @@ def _exact_flow(method, num_steps, key=3, shape=SHAPE):
 
 def test_grid_is_rho_spaced_snapped_and_heun_makes_2n_minus_1_evaluations():
     sigmas = np.sqrt(1.0 / np.cumprod(1.0 - np.asarray(SCHEDULE.betas, np.float64)) - 1.0)
-    steps = edm.grid(SCHEDULE, 18, EDMOptions())
-    assert steps[0] == 999 and steps[-1] == 0 and np.all(np.diff(steps) < 0)
-    # Each grid point is the timestep nearest EDM's eq. 5 in log-sigma.
     inv = 1.0 / 7.0
     ramp = np.linspace(0.0, 1.0, 18)
-    targets = (sigmas[-1] ** inv + ramp * (sigmas[0] ** inv - sigmas[-1] ** inv)) ** 7
-    nearest = np.argmin(np.abs(np.log(sigmas)[None] - np.log(targets)[:, None]), axis=1)
-    np.testing.assert_array_equal(steps, nearest)
+
+    def nearest_to_eq_5(sigma_max):
+        targets = (sigma_max**inv + ramp * (sigmas[0] ** inv - sigma_max**inv)) ** 7
+        return np.argmin(np.abs(np.log(sigmas)[None] - np.log(targets)[:, None]), axis=1)
+
+    # The schedule's whole range (sigma 0.01 .. 157 for linear betas at T = 1000).
+    whole = edm.grid(SCHEDULE, 18, EDMOptions(sigma_max=math.inf))
+    assert whole[0] == 999 and whole[-1] == 0 and np.all(np.diff(whole) < 0)
+    # Each grid point is the timestep nearest EDM's eq. 5 in log-sigma.
+    np.testing.assert_array_equal(whole, nearest_to_eq_5(sigmas[-1]))
+    # By default the grid starts at EDM's sigma_max = 80.
+    steps = edm.grid(SCHEDULE, 18, EDMOptions())
+    assert steps[-1] == 0 and np.all(np.diff(steps) < 0)
+    np.testing.assert_allclose(sigmas[steps[0]], 80.0, rtol=0.01)
+    np.testing.assert_array_equal(steps, nearest_to_eq_5(80.0))
     heun, _, heun_tables, scale = edm.prepare_heun(SCHEDULE, 18, EDMOptions())
     euler, _, _, _ = edm.prepare_euler(SCHEDULE, 18, EDMOptions())
     assert len(heun) == 35 and len(euler) == 18
     np.testing.assert_array_equal(euler, steps)
     np.testing.assert_array_equal(heun[::2], steps)  # predictors; correctors at steps[1:]
     np.testing.assert_array_equal(heun[1::2], steps[1:])
-    np.testing.assert_allclose(scale, np.sqrt(1.0 - 1.0 / (1.0 + sigmas[-1] ** 2)), rtol=1e-12)
+    first = sigmas[steps[0]]
+    np.testing.assert_allclose(scale, np.sqrt(1.0 - 1.0 / (1.0 + first**2)), rtol=1e-12)
     assert heun_tables["c_out"][-1] == 1.0 and np.all(heun_tables["churn_std"] == 0.0)
     # A user range within the schedule's sigmas; points that snap together merge.
     small = edm.grid(SCHEDULE, 1000, EDMOptions(sigma_min=0.1, sigma_max=10.0))
@@ -191,11 +202,14 @@ def test_guidance_clipping_trajectory_and_batch_invariance():
     whole = _guided(labelled_model(), 64, 3.0, **kwargs)
     parts = [_guided(labelled_model(), 16, 3.0, first_index=i, **kwargs) for i in (0, 16, 32, 48)]
     chex.assert_trees_all_close(np.concatenate(parts), whole, atol=1e-5, rtol=0)
-    # A trajectory has one frame per evaluation (2n - 1 for the n grid steps: cosine's 6
-    # rho-spaced points snap to 5 timesteps, two of them onto t = 98); clipping bounds D.
-    timesteps, _, _, scale = edm.prepare_heun(SCHEDULES["cosine100"], 6, EDMOptions())
-    num_evaluations = 2 * len(edm.grid(SCHEDULES["cosine100"], 6, EDMOptions())) - 1
-    assert len(timesteps) == num_evaluations == 9
+    # A trajectory has one frame per evaluation (2n - 1 for the n grid steps); clipping
+    # bounds D. From sigma = 80 cosine's 6 rho-spaced points are 6 timesteps; over its whole
+    # range (to sigma = 1e4 at T = 100) they snap to 5, two of them onto t = 98.
+    cosine = SCHEDULES["cosine100"]
+    assert len(edm.grid(cosine, 6, EDMOptions(sigma_max=math.inf))) == 5
+    timesteps, _, _, scale = edm.prepare_heun(cosine, 6, EDMOptions())
+    num_evaluations = 2 * len(edm.grid(cosine, 6, EDMOptions())) - 1
+    assert len(timesteps) == num_evaluations == 11
     trajectory = samplers.sample(
         labelled_model(),
         jnp.float32(1.0),

@@ -54,15 +54,24 @@ __all__ = [
 ]
 
 
+DEFAULT_SIGMA_MAX = 80.0  # EDM's sigma_max (Karras et al. 2022, Table 1)
+
+
 @dataclasses.dataclass(frozen=True)
 class EDMOptions:  # the S_* names are the paper's
     """EDM's sampler settings (Karras et al. 2022, Table 1 and Algorithm 2); hashable.
 
-    The defaults are the deterministic sampler (Algorithm 1) over the schedule's whole range.
+    The defaults are EDM's deterministic sampler (Algorithm 1) from sigma = 80 (EDM's
+    ``sigma_max``, or the schedule's largest finite sigma if that is smaller) down to the
+    schedule's smallest sigma. Starting from the schedule's largest sigma instead (``sigma_max=
+    math.inf`` clips to it) spends most of a short run's steps where the image is pure noise:
+    a cosine schedule reaches sigma = 2e4, and on the digits model of ``benchmarks/README.md``
+    Heun with 10 steps then gave 8% recognisable digits against 66% from sigma = 80.
 
     Attributes:
       sigma_min: the grid's smallest sigma; ``None`` is the schedule's smallest (t = 0).
-      sigma_max: the grid's largest sigma; ``None`` is the schedule's largest finite one.
+      sigma_max: the grid's largest sigma; ``None`` is ``min(80, the schedule's largest finite
+        sigma)``; ``math.inf`` is the schedule's largest finite sigma.
       rho: the grid's spacing exponent (eq. 5; 7 in EDM).
       S_churn: total churn; 0 is deterministic, > 0 draws noise at each step with churn.
       S_tmin, S_tmax: churn applies where ``S_tmin <= sigma_i <= S_tmax``.
@@ -108,6 +117,8 @@ def check(schedule: Schedule, edm: EDMOptions) -> None:
     low, high = _range(schedule)
     for name in ("sigma_min", "sigma_max"):
         value = getattr(edm, name)
+        if name == "sigma_max" and value == math.inf:
+            continue
         if value is not None and not low * (1 - 1e-6) <= value <= high * (1 + 1e-6):
             raise ValueError(
                 f"edm.{name} must lie within the schedule's sigmas [{low:.4g}, {high:.4g}] "
@@ -128,10 +139,8 @@ def check(schedule: Schedule, edm: EDMOptions) -> None:
 
 def _bounds(schedule: Schedule, edm: EDMOptions) -> tuple[float, float]:
     low, high = _range(schedule)
-    return (
-        low if edm.sigma_min is None else edm.sigma_min,
-        high if edm.sigma_max is None else edm.sigma_max,
-    )
+    sigma_max = min(DEFAULT_SIGMA_MAX, high) if edm.sigma_max is None else min(edm.sigma_max, high)
+    return (low if edm.sigma_min is None else edm.sigma_min, sigma_max)
 
 
 def _nearest(sigmas: np.ndarray, targets: np.ndarray) -> np.ndarray:
