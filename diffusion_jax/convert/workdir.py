@@ -33,7 +33,7 @@ from diffusion_jax.models import example_inputs
 from diffusion_jax.train import checkpoint as checkpoint_lib
 from diffusion_jax.train import config as config_lib
 from diffusion_jax.train import resume
-from diffusion_jax.train.step import HISTORY, TrainState
+from diffusion_jax.train.step import TrainState
 
 __all__ = ["SOURCE_FILE", "check_params", "data_shape_of", "write_workdir"]
 
@@ -126,15 +126,7 @@ def write_workdir(out: str, config: ml_collections.ConfigDict, params: Any, *, s
     check_params(model, data_shape, num_classes, params)
     params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
     tx, _ = config_lib.build_optimizer(config)
-    num_timesteps = config.diffusion.num_timesteps
-    state = TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        ema_params=jax.tree.map(jnp.copy, params),
-        opt_state=tx.init(params),
-        loss_history=jnp.zeros((num_timesteps, HISTORY), jnp.float32),
-        loss_counts=jnp.zeros((num_timesteps,), jnp.int32),
-    )
+    state = TrainState.initial(params, tx, config.diffusion.num_timesteps)
     os.makedirs(out, exist_ok=True)
     with checkpoint_lib.CheckpointManager(
         os.path.join(out, "checkpoints"), max_to_keep=1, async_save=False

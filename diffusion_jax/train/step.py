@@ -69,6 +69,19 @@ class TrainState:
         """Inverse of :meth:`to_dict`."""
         return cls(**values)
 
+    @classmethod
+    def initial(cls, params: Any, tx: Any, num_timesteps: int) -> TrainState:
+        """The state at step 0 of a run starting from ``params``: EMA equal to them (a copy,
+        never the same buffers: PITFALLS), a fresh optimiser state, no losses recorded."""
+        return cls(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            ema_params=jax.tree.map(jnp.copy, params),
+            opt_state=tx.init(params),
+            loss_history=jnp.zeros((num_timesteps, HISTORY), jnp.float32),
+            loss_counts=jnp.zeros((num_timesteps,), jnp.int32),
+        )
+
 
 def to_model_input(batch: dict[str, jax.Array]) -> jax.Array:
     """Scales a batch's data for the model, on the device: uint8 images to [-1, 1] float32,
@@ -128,14 +141,7 @@ def create_train_state(
     def init_fn() -> TrainState:
         x, t, kwargs = example_inputs(data_shape, conditional=conditional)
         params = model.init({"params": run_keys(config.seed)[0]}, x, t, **kwargs)["params"]
-        return TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            ema_params=jax.tree.map(jnp.copy, params),
-            opt_state=tx.init(params),
-            loss_history=jnp.zeros((num_timesteps, HISTORY), jnp.float32),
-            loss_counts=jnp.zeros((num_timesteps,), jnp.int32),
-        )
+        return TrainState.initial(params, tx, num_timesteps)
 
     abstract = jax.eval_shape(init_fn)
     shardings = jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
