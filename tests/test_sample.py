@@ -3,12 +3,14 @@ reproducibility and clear errors."""
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 import trainer_helpers as h
 
-from diffusion_jax import options, train
-from diffusion_jax.evaluation import sampling
+from diffusion_jax import options, samplers, train
+from diffusion_jax.evaluation import runs, sampling
+from diffusion_jax.models import make_model_fn
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +54,40 @@ def test_same_seed_same_samples_at_any_batch_size(swiss_workdir, tmp_path):
         str(swiss_workdir), out=str(tmp_path / "c"), batch_size=64, **dict(kwargs, seed=4)
     )
     assert not np.allclose(np.load(other["npz"])["x"], a)
+
+
+def test_spacing_and_edm_settings_reach_the_sampler(swiss_workdir, tmp_path):
+    """sample.py's --timestep_spacing and EDM flags: the samples are the sampler's own with
+    those settings, and each setting changes them."""
+    run = runs.restore_run(str(swiss_workdir), which="ema")
+    model_fn = make_model_fn(run.model, train=False)
+    d = run.config.diffusion
+    cases = {
+        "quadratic": {"method": "ddim", "timestep_spacing": "quadratic"},
+        "linspace": {"method": "ddim"},
+        "edm": {"method": "heun", "edm": samplers.EDMOptions(sigma_max=5.0, S_churn=2.0)},
+        "edm_default": {"method": "heun"},
+    }
+    drawn = {}
+    for name, settings in cases.items():
+        written = sampling.sample_from_workdir(
+            str(swiss_workdir), out=str(tmp_path / name), num=8, steps=4, seed=2,
+            progress=False, **settings,
+        )  # fmt: skip
+        drawn[name] = np.load(written["npz"])["x"]
+    expected = samplers.sample(
+        model_fn, run.params, run.schedule, jax.random.key(2), (8, 2), method="heun",
+        num_steps=4, parameterization=d.parameterization, variance=d.variance, clip_x0=False,
+        edm=samplers.EDMOptions(sigma_max=5.0, S_churn=2.0),
+    )  # fmt: skip
+    np.testing.assert_allclose(drawn["edm"], np.asarray(expected), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(drawn["quadratic"], drawn["linspace"])
+    assert not np.allclose(drawn["edm"], drawn["edm_default"])
+    with pytest.raises(ValueError, match=r"edm\.sigma_max must lie within the schedule's sigmas"):
+        sampling.sample_from_workdir(
+            str(swiss_workdir), out=str(tmp_path / "far"), num=4, steps=4, method="heun",
+            edm=samplers.EDMOptions(sigma_max=1e9), progress=False,
+        )  # fmt: skip
 
 
 def test_raw_and_checkpoint_step_choices(swiss_workdir, tmp_path):
@@ -120,6 +156,12 @@ def test_parse_labels_errors_name_the_argument(text, message):
         ({"labels": "1"}, "labels", "^labels given, but the model is not class-conditional"),
         ({"guidance": 2.0}, "guidance", "^guidance needs a class-conditional model"),
         ({"which": "best"}, "which", "Unknown which .best.; expected one of"),
+        ({"timestep_spacing": "even"}, "timestep_spacing", "Unknown timestep_spacing .even."),
+        (
+            {"edm": samplers.EDMOptions(sigma_max=10.0)},
+            "edm",
+            "^edm settings apply to heun and euler only, not to method 'ddim'",
+        ),
     ],
 )
 def test_bad_arguments_are_errors_naming_them(swiss_workdir, tmp_path, kwargs, argument, message):
@@ -178,3 +220,11 @@ def test_sample_py_command_line(swiss_workdir, tmp_path):
     assert refused.returncode == 2, refused.stderr[-3000:]
     assert "error: --steps must lie in [1, 50]" in refused.stderr
     assert "Traceback" not in refused.stderr
+    # EDM's flags belong to heun/euler: one line naming them.
+    refused = h.run(
+        [h.sys.executable, str(h.REPO / "sample.py"), f"--workdir={swiss_workdir}", "--rho=3"]
+    )
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert "error: --sigma_min/--sigma_max/--rho/--S_* settings apply to heun and euler" in (
+        refused.stderr
+    )

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from diffusion_jax import options, plots
+from diffusion_jax import options, plots, samplers
 from diffusion_jax.data import toy
 from diffusion_jax.evaluation.outputs import check_writable
 from diffusion_jax.evaluation.runs import Run, checkpoint_dir, read_run_config, restore_run
@@ -87,6 +87,8 @@ def generate_from_run(
     method: str,
     num_steps: int,
     eta: float = 0.0,
+    timestep_spacing: options.Spacing = "linspace",
+    edm: samplers.EDMOptions | None = None,
     labels: np.ndarray | None = None,
     guidance_scale: float | None = None,
     progress: bool = True,
@@ -114,6 +116,8 @@ def generate_from_run(
         method=method,
         num_steps=num_steps,
         eta=eta,
+        timestep_spacing=timestep_spacing,
+        edm=edm,
         is_image=run.info.kind == "image",
         labels=labels,
         null_label=run.info.num_classes,
@@ -162,6 +166,8 @@ def sample_from_workdir(
     method: str = "ddim",
     steps: int | None = 50,
     eta: float = 0.0,
+    timestep_spacing: options.Spacing = "linspace",
+    edm: samplers.EDMOptions | None = None,
     seed: int = 0,
     which: options.ParamsChoice = "ema",
     checkpoint_step: int | None = None,
@@ -180,6 +186,10 @@ def sample_from_workdir(
       num: number of samples.
       batch_size: samples per compiled call (default ``min(num, 64)``).
       method, steps, eta: the sampler (``steps=None``: all T steps).
+      timestep_spacing: which timesteps a shortened run visits (see
+        :func:`diffusion_jax.timesteps.timesteps_for`).
+      edm: EDM's sampler settings for ``heun``/``euler`` (:class:`~diffusion_jax.samplers.
+        EDMOptions`; None: EDM's deterministic defaults).
       seed: the samples are a function of (seed, index) alone.
       which: ``"ema"`` or ``"raw"`` parameters.
       checkpoint_step: the checkpoint to read; None for the newest readable one.
@@ -199,11 +209,17 @@ def sample_from_workdir(
 
     Raises:
       ArgumentError: a bad ``method``, ``num``, ``steps``, ``which``, ``labels``,
-        ``guidance`` or ``out`` (not writable); ``str(error)`` names the argument.
+        ``guidance``, ``timestep_spacing``, ``edm`` (bad values, or given to a method other
+        than heun/euler) or ``out`` (not writable); ``str(error)`` names the argument.
       FileNotFoundError, ValueError, CheckpointError: as :func:`restore_run` raises them.
     """
     check_method(method)
     options.check("params", which, label="which")
+    options.check("timestep_spacing", timestep_spacing)
+    if edm is not None and method not in ("heun", "euler"):
+        raise options.ArgumentError(
+            "edm", f"{{name}} settings apply to heun and euler only, not to method {method!r}."
+        )
     if num < 1:
         raise options.ArgumentError("num", f"{{name}} must be >= 1, got {num}.")
     checkpoint_dir(workdir)
@@ -218,6 +234,8 @@ def sample_from_workdir(
     run = restore_run(workdir, which=which, checkpoint_step=checkpoint_step)
     config, info = run.config, run.info
     steps = resolve_steps(run, steps)
+    if edm is not None:
+        samplers.edm.check(run.schedule, edm)  # before sampling: the schedule's sigma range
     is_image = info.kind == "image"
     conditional = bool(config.model.class_conditional)
     label_array = parse_labels(labels, num, info.num_classes if conditional else None)
@@ -231,6 +249,8 @@ def sample_from_workdir(
         method=method,
         num_steps=steps,
         eta=eta,
+        timestep_spacing=timestep_spacing,
+        edm=edm,
         labels=label_array,
         guidance_scale=guidance,
         progress=progress,

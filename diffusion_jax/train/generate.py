@@ -65,6 +65,7 @@ def generate(
     is_image: bool,
     eta: float = 0.0,
     timestep_spacing: options.Spacing = "linspace",
+    edm: samplers.EDMOptions | None = None,
     labels: np.ndarray | None = None,
     null_label: int | None = None,
     guidance_scale: float | None = None,
@@ -83,7 +84,8 @@ def generate(
       num: number of samples.
       batch_size: samples per compiled call; a multiple of the mesh size.
       seed: the samples are a function of (seed, index) alone.
-      method, num_steps, eta, timestep_spacing: see :func:`diffusion_jax.samplers.sample`.
+      method, num_steps, eta, timestep_spacing, edm: see
+        :func:`diffusion_jax.samplers.sample`.
       is_image: images are clipped to [-1, 1] when ``config.diffusion.clip_x0``.
       labels: ``[num]`` int labels for a class-conditional model (validated by the caller).
       null_label: the unconditional label, for guidance.
@@ -111,6 +113,7 @@ def generate(
         is_image=is_image,
         eta=eta,
         timestep_spacing=timestep_spacing,
+        edm=edm,
         labels=labels,
         null_label=null_label,
         guidance_scale=guidance_scale,
@@ -135,6 +138,7 @@ def generate_batches(
     is_image: bool,
     eta: float = 0.0,
     timestep_spacing: options.Spacing = "linspace",
+    edm: samplers.EDMOptions | None = None,
     labels: np.ndarray | None = None,
     null_label: int | None = None,
     guidance_scale: float | None = None,
@@ -190,6 +194,7 @@ def generate_batches(
             method=method,
             num_steps=num_steps,
             timestep_spacing=timestep_spacing,
+            edm=edm,
             eta=eta,
             parameterization=d.parameterization,
             variance=d.variance,
