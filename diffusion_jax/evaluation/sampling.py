@@ -20,6 +20,7 @@ from diffusion_jax import options, plots, samplers
 from diffusion_jax.data import toy
 from diffusion_jax.evaluation.outputs import check_writable
 from diffusion_jax.evaluation.runs import Run, checkpoint_dir, read_run_config, restore_run
+from diffusion_jax.samplers.validation import edm_methods
 from diffusion_jax.train.generate import cycled_labels, generate, to_uint8
 
 __all__ = [
@@ -216,9 +217,11 @@ def sample_from_workdir(
     check_method(method)
     options.check("params", which, label="which")
     options.check("timestep_spacing", timestep_spacing)
-    if edm is not None and method not in ("heun", "euler"):
+    if edm is not None and method not in edm_methods():
         raise options.ArgumentError(
-            "edm", f"{{name}} settings apply to heun and euler only, not to method {method!r}."
+            "edm",
+            f"{{name}} settings apply to {' and '.join(edm_methods())} only, not to method "
+            f"{method!r}.",
         )
     if num < 1:
         raise options.ArgumentError("num", f"{{name}} must be >= 1, got {num}.")
@@ -234,8 +237,6 @@ def sample_from_workdir(
     run = restore_run(workdir, which=which, checkpoint_step=checkpoint_step)
     config, info = run.config, run.info
     steps = resolve_steps(run, steps)
-    if edm is not None:
-        samplers.edm.check(run.schedule, edm)  # before sampling: the schedule's sigma range
     is_image = info.kind == "image"
     conditional = bool(config.model.class_conditional)
     label_array = parse_labels(labels, num, info.num_classes if conditional else None)

@@ -74,6 +74,11 @@ class SamplerOptions:
     callback: Callable[..., jax.Array] | None = None  # see samplers.steering
 
 
+def edm_methods() -> tuple[str, ...]:
+    """The registered methods that take ``edm`` settings (those with a ``prepare``)."""
+    return tuple(m.name for m in registry.methods() if m.prepare is not None)
+
+
 def make_options(
     model_fn: Callable[..., jax.Array],
     schedule: Schedule,
@@ -160,7 +165,8 @@ def make_options(
         stochastic = sampler.stochastic(eta)
     if sampler.prepare is None:
         if edm is not None:
-            raise ValueError(f"edm only applies to EDM's methods (heun, euler), got {method=}.")
+            names = ", ".join(edm_methods())
+            raise ValueError(f"edm only applies to EDM's methods ({names}), got {method=}.")
     else:
         edm = EDMOptions() if edm is None else edm
         edm_sampler.check(schedule, edm)
