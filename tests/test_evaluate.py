@@ -95,7 +95,7 @@ def nll_workdir(tmp_path_factory):
     return workdir
 
 
-def _one_point_model(schedule, x_star):
+def one_point_model(schedule, x_star):
     """The exact eps-denoiser of the one-point dataset {x_star}: every KL term of the bound
     vanishes, and the decoder and prior terms have closed forms."""
     import jax.numpy as jnp
@@ -120,7 +120,7 @@ def test_nll_of_one_point_dataset_matches_closed_form():
     x_star = pixels.astype(np.float64) / 127.5 - 1.0
     source = ArraySource({"image": np.broadcast_to(pixels, (10, 2, 4, 1)).copy()})
     result = likelihood.nll_of_source(
-        _one_point_model(schedule, x_star.astype(np.float32)),
+        one_point_model(schedule, x_star.astype(np.float32)),
         None,
         schedule,
         source,

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from scipy.special import ndtr
+from test_evaluate import one_point_model
 
 from diffusion_jax import schedules
 from diffusion_jax.data.sources import ArraySource
@@ -24,24 +25,13 @@ from diffusion_jax.train import sharding
 BIG_T = 4000
 
 
-def exact_denoiser(schedule, x_star):
-    """The exact eps-model of the one-point dataset {x_star}: every KL term vanishes."""
-
-    def model_fn(params, x_t, t):
-        del params
-        abar = jnp.take(schedule.alphas_cumprod, t)[:, None, None, None]
-        return (x_t - jnp.sqrt(abar) * x_star) / jnp.sqrt(1.0 - abar)
-
-    return model_fn
-
-
 def test_bound_at_t_4000_of_a_one_point_dataset_matches_its_closed_form():
     schedule = schedules.get_schedule("cosine", BIG_T)
     pixels = np.array([0, 255, 128, 3, 77, 200], np.uint8).reshape(2, 3, 1)
     x_star = pixels.astype(np.float64) / 127.5 - 1.0
     source = ArraySource({"image": np.broadcast_to(pixels, (3, 2, 3, 1)).copy()})
     result = likelihood.nll_of_source(
-        exact_denoiser(schedule, x_star.astype(np.float32)), None, schedule, source, batch_size=3
+        one_point_model(schedule, x_star.astype(np.float32)), None, schedule, source, batch_size=3
     )
 
     # Closed forms from the float64 cosine schedule (Nichol & Dhariwal 2021, eq. 17; betas
@@ -95,7 +85,7 @@ def test_memory_of_the_compiled_bound_does_not_grow_with_t():
         schedule = schedules.get_schedule("cosine", num_timesteps)
         x_star = jnp.zeros((32, 32, 3))
         program = likelihood._batch_nll_fn(
-            exact_denoiser(schedule, x_star), "eps", "fixed_small", True, 256, False, "discretized"
+            one_point_model(schedule, x_star), "eps", "fixed_small", True, 256, False, "discretized"
         )
         indices = jnp.arange(8, dtype=jnp.int32)
         compiled = program.lower(
