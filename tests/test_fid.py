@@ -26,8 +26,6 @@ from diffusion_jax import data, options
 from diffusion_jax.evaluation import __main__ as evaluate_cli
 from diffusion_jax.evaluation import fid, scoring
 from diffusion_jax.models import inception
-from diffusion_jax.train import checkpoint
-from diffusion_jax.train import config as config_lib
 
 # Measured: 7e-7 for pool features and logits (float32 on CPU); a wrong block (average pooling
 # counting the padding, or Mixed_7c average- instead of max-pooling) or BatchNorm eps 1e-5
@@ -307,19 +305,8 @@ def test_convert_command_reads_a_pth(state_dict, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def digits_workdir(tmp_path_factory):
-    """A workdir whose one checkpoint holds a U-Net with random parameters (scored like a
-    trained one; training, or even compiling ``init``, would only add time)."""
-    workdir = tmp_path_factory.mktemp("fid_digits") / "run"
-    config = h.digits()
-    model = config_lib.build_model(config, (8, 8, 1), 10)
-    x, t = jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, t)["params"])
-    rng = np.random.default_rng(0)
-    params = jax.tree.map(lambda a: 0.1 * rng.normal(size=a.shape).astype(a.dtype), shapes)
-    with checkpoint.CheckpointManager(str(workdir / "checkpoints")) as manager:
-        state = {"params": params, "ema_params": params}
-        manager.save(0, state, config=config_lib.config_to_dict(config), force=True)
-    return workdir
+    """A workdir whose one checkpoint holds the digits U-Net with random parameters."""
+    return h.random_digits_workdir(tmp_path_factory.mktemp("fid_digits") / "run", seed=0)
 
 
 def test_ref_stats_and_fid_commands(digits_workdir, weights_file, tmp_path, monkeypatch, capsys):

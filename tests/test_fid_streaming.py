@@ -22,8 +22,7 @@ import trainer_helpers as h
 
 from diffusion_jax.evaluation import fid, scoring
 from diffusion_jax.models import inception
-from diffusion_jax.train import checkpoint, generate
-from diffusion_jax.train import config as config_lib
+from diffusion_jax.train import generate
 
 
 def split_into_batches(array: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
@@ -110,18 +109,8 @@ def projected_features(variables, images):
 
 @pytest.fixture(scope="module")
 def digits_workdir(tmp_path_factory):
-    """A workdir whose one checkpoint holds a tiny digits U-Net with random parameters."""
-    workdir = tmp_path_factory.mktemp("fid_stream") / "run"
-    config = h.digits()
-    model = config_lib.build_model(config, (8, 8, 1), 10)
-    x, t = jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, t)["params"])
-    rng = np.random.default_rng(1)
-    params = jax.tree.map(lambda a: 0.1 * rng.normal(size=a.shape).astype(a.dtype), shapes)
-    with checkpoint.CheckpointManager(str(workdir / "checkpoints")) as manager:
-        state = {"params": params, "ema_params": params}
-        manager.save(0, state, config=config_lib.config_to_dict(config), force=True)
-    return workdir
+    """A workdir whose one checkpoint holds the digits U-Net with random parameters."""
+    return h.random_digits_workdir(tmp_path_factory.mktemp("fid_stream") / "run", seed=1)
 
 
 def test_streamed_fid_equals_the_all_in_memory_path(digits_workdir, tmp_path, monkeypatch):

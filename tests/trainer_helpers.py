@@ -8,11 +8,14 @@ import subprocess
 import sys
 
 import chex
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from configs import digits as digits_config
 from configs import swissroll as swissroll_config
 from diffusion_jax.train import checkpoint, metrics
+from diffusion_jax.train import config as config_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -81,6 +84,22 @@ def digits(**extra):
     overrides = dict(TINY_DIGITS)
     overrides.update({k.replace("__", "."): v for k, v in extra.items()})
     return apply_overrides(digits_config.get_config(), overrides)
+
+
+def random_digits_workdir(workdir: pathlib.Path, seed: int) -> pathlib.Path:
+    """A workdir whose one checkpoint (step 0) holds the digits U-Net with random parameters
+    (N(0, 0.1^2), from ``seed``) as both raw and EMA params: scored like a trained one, where
+    training, or even compiling ``init``, would only add time."""
+    config = digits()
+    model = config_lib.build_model(config, (8, 8, 1), 10)
+    x, t = jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, t)["params"])
+    rng = np.random.default_rng(seed)
+    params = jax.tree.map(lambda a: 0.1 * rng.normal(size=a.shape).astype(a.dtype), shapes)
+    with checkpoint.CheckpointManager(str(workdir / "checkpoints")) as manager:
+        state = {"params": params, "ema_params": params}
+        manager.save(0, state, config=config_lib.config_to_dict(config), force=True)
+    return workdir
 
 
 def flag_overrides(base: dict, **extra) -> list[str]:
