@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 import pytest
 import safetensors.numpy
+import trainer_helpers as h
 
 from diffusion_jax import samplers
 from diffusion_jax.convert import __main__ as convert_main
@@ -43,22 +44,16 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
-def tiny_config(image_size: int = 16, **model) -> ml_collections.ConfigDict:
+def tiny_config(image_size: int = 16, **overrides) -> ml_collections.ConfigDict:
     """A default config with a tiny three-level U-Net (attention at the middle level) and
-    ``model`` overrides (``field=value``; ``diffusion__x=v`` sets ``diffusion.x``)."""
+    ``overrides`` (``model__x=v`` sets ``model.x``)."""
     config = config_lib.default_config()
     config.data.image_size = image_size
     config.diffusion.num_timesteps = 100
     m = config.model
     m.ch, m.ch_mult, m.num_res_blocks, m.attn_resolutions = 16, (1, 2, 2), 1, (8,)
     m.num_groups, m.dropout = 4, 0.0
-    for key, value in model.items():
-        node = config
-        *parents, leaf = key.split("__")
-        for name in parents:
-            node = node[name]
-        node[leaf] = value
-    return config
+    return h.apply_overrides(config, {k.replace("__", "."): v for k, v in overrides.items()})
 
 
 def random_params(config, num_classes: int | None, channels: int = 3, seed: int = 0):
