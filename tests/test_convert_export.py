@@ -24,6 +24,7 @@ import trainer_helpers as h
 
 from diffusion_jax import samplers
 from diffusion_jax.convert import __main__ as convert_main
+from diffusion_jax.convert import diffusers_export_config as export_config
 from diffusion_jax.convert import from_diffusers, to_diffusers
 from diffusion_jax.models import make_model_fn
 from diffusion_jax.train import checkpoint as checkpoint_lib
@@ -251,7 +252,7 @@ SCHEDULES = {
 def test_scheduler_tables_equal_ours(name):
     config = tiny_config()
     config.diffusion.update(SCHEDULES[name])
-    scheduler = diffusers.DDPMScheduler.from_config(to_diffusers.scheduler_config(config))
+    scheduler = diffusers.DDPMScheduler.from_config(export_config.scheduler_config(config))
     ours = config_lib.build_schedule(config)
     # diffusers' float32 formulas (torch.linspace etc.) give the betas within 4 float32 ulps of
     # ours (float64, rounded to float32). It then forms alpha = 1 - beta and the cumulative
@@ -274,12 +275,12 @@ def test_scheduler_tables_equal_ours(name):
 def test_scheduler_fields():
     config = tiny_config(diffusion__parameterization="v", diffusion__variance="learned_range")
     config.diffusion.clip_x0 = False
-    fields = to_diffusers.scheduler_config(config)
+    fields = export_config.scheduler_config(config)
     assert fields["prediction_type"] == "v_prediction"
     assert fields["variance_type"] == "learned_range"
     assert fields["clip_sample"] is False
     config.diffusion.parameterization, config.diffusion.variance = "x0", "fixed_large"
-    fields = to_diffusers.scheduler_config(config)
+    fields = export_config.scheduler_config(config)
     assert (fields["prediction_type"], fields["variance_type"]) == ("sample", "fixed_large")
 
 
@@ -382,7 +383,7 @@ REFUSALS = {
 def test_refusals_name_the_field(field):
     config = tiny_config(**REFUSALS[field])
     with pytest.raises(ValueError) as error:
-        to_diffusers.check_exportable(config, 16)
+        export_config.check_exportable(config, 16)
     message = str(error.value)
     assert message.startswith(f"config.{field} = ") and "\n" not in message
 
@@ -391,7 +392,7 @@ def test_refuses_a_sample_size_the_parameters_contradict():
     config = tiny_config()
     _, params = random_params(config, None)
     with pytest.raises(ValueError, match=r"^config.data.image_size = 32 .*--sample_size") as error:
-        to_diffusers.unet_config(config, params, 32)  # would put attention one level lower
+        export_config.unet_config(config, params, 32)  # would put attention one level lower
     assert "\n" not in str(error.value)
 
 

@@ -31,7 +31,8 @@ import torch
 from numpy.lib.stride_tricks import sliding_window_view
 
 from diffusion_jax.convert import __main__ as convert_cli
-from diffusion_jax.convert import from_improved_diffusion as idc
+from diffusion_jax.convert import improved_diffusion_flags as id_flags
+from diffusion_jax.convert import improved_diffusion_weights as id_weights
 from diffusion_jax.train import config as config_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -264,9 +265,9 @@ def _flag_kwargs(flags):
 
 
 def _model(flags):
-    config = idc.build_config(flags)
+    config = id_flags.build_config(flags)
     shape = (flags.image_size, flags.image_size, 3)
-    num_classes = idc.NUM_CLASSES if flags.class_cond else None
+    num_classes = id_flags.NUM_CLASSES if flags.class_cond else None
     return config, config_lib.build_model(config, shape, num_classes)
 
 
@@ -304,14 +305,14 @@ def test_flag_defaults_are_script_utils():
         use_checkpoint=False,
         use_scale_shift_norm=True,
     )
-    flags = idc.parse_flags("")
+    flags = id_flags.parse_flags("")
     for name, value in theirs.items():
         assert getattr(flags, name) == value and type(getattr(flags, name)) is type(value), name
     assert flags.channel_mult == (1, 2, 3, 4)
 
 
 def test_flag_syntax_follows_their_argparse():
-    flags = idc.parse_flags(
+    flags = id_flags.parse_flags(
         "--image_size=32 --learn_sigma yes --class_cond T --use_scale_shift_norm 0 "
         "--dropout 0.3 --num_heads 1 --num_heads 2 --attention_resolutions '16'"
     )
@@ -319,7 +320,7 @@ def test_flag_syntax_follows_their_argparse():
     assert (flags.use_scale_shift_norm, flags.dropout, flags.num_heads) == (False, 0.3, 2)
     # Attention at their downsampling factor 32 // 16 = 2: level 1, our 16x16 feature maps.
     assert flags.attention_levels == (1,)
-    assert idc.model_fields(flags)["attn_resolutions"] == (16,)
+    assert id_flags.model_fields(flags)["attn_resolutions"] == (16,)
 
 
 @pytest.mark.parametrize(
@@ -344,14 +345,14 @@ def test_flag_syntax_follows_their_argparse():
 )
 def test_bad_flags_are_one_line_naming_the_flag(text, named):
     with pytest.raises(ValueError) as error:
-        idc.parse_flags(text)
+        id_flags.parse_flags(text)
     message = str(error.value)
     assert named in message and "\n" not in message
 
 
 def test_diffusion_from_flags():
     def fields(text):
-        return idc.diffusion_fields(idc.parse_flags(text))
+        return id_flags.diffusion_fields(id_flags.parse_flags(text))
 
     hybrid = fields(CIFAR10_FLAGS)
     assert (hybrid["schedule"], hybrid["num_timesteps"]) == ("cosine", 4000)
@@ -369,9 +370,9 @@ def test_diffusion_from_flags():
         "x0",
     )
     assert fields("")["variance"] == "fixed_large"
-    assert idc.model_fields(idc.parse_flags(CIFAR10_FLAGS))["timestep_scale"] == 0.25
-    flags = idc.parse_flags(CIFAR10_FLAGS + " --rescale_timesteps False")
-    assert idc.model_fields(flags)["timestep_scale"] == 1.0
+    assert id_flags.model_fields(id_flags.parse_flags(CIFAR10_FLAGS))["timestep_scale"] == 0.25
+    flags = id_flags.parse_flags(CIFAR10_FLAGS + " --rescale_timesteps False")
+    assert id_flags.model_fields(flags)["timestep_scale"] == 1.0
 
 
 def _their_betas(name, steps):
@@ -390,8 +391,8 @@ def _their_betas(name, steps):
 
 @pytest.mark.parametrize("name, steps", [("cosine", 4000), ("linear", 4000), ("linear", 1000)])
 def test_schedule_equals_theirs(name, steps):
-    config = idc.build_config(
-        idc.parse_flags(f"--image_size 32 --noise_schedule {name} --diffusion_steps {steps}")
+    config = id_flags.build_config(
+        id_flags.parse_flags(f"--image_size 32 --noise_schedule {name} --diffusion_steps {steps}")
     )
     schedule = config_lib.build_schedule(config)
     theirs = _their_betas(name, steps)
@@ -408,12 +409,12 @@ def test_schedule_equals_theirs(name, steps):
 
 @pytest.mark.parametrize("text", [CIFAR10_FLAGS, IMAGENET64_FLAGS], ids=["cifar10", "imagenet64"])
 def test_published_state_dict_maps_completely(text):
-    flags = idc.parse_flags(text)
+    flags = id_flags.parse_flags(text)
     theirs = their_state_dict_shapes(**_flag_kwargs(flags))
     # Every key taken exactly once (a second take asserts) with the shape we enumerated.
-    assert idc.state_dict_shapes(flags) == theirs
+    assert id_weights.state_dict_shapes(flags) == theirs
     zeros = {key: np.broadcast_to(np.float32(0), shape) for key, shape in theirs.items()}
-    params = idc.convert_state_dict(zeros, flags)
+    params = id_weights.convert_state_dict(zeros, flags)
     config, model = _model(flags)
     assert config.data.name == ("cifar10" if flags.image_size == 32 else "converted")
     converted = jax.tree.map(lambda leaf: leaf.shape, params)
@@ -442,21 +443,21 @@ SMALL = "--image_size 32 --num_channels 32 --num_res_blocks 1"
     ids=["missing", "unused", "shape"],
 )
 def test_mismatched_state_dict_is_one_line_naming_the_key(edit, named):
-    flags = idc.parse_flags(SMALL)
+    flags = id_flags.parse_flags(SMALL)
     sd = {
         k: np.zeros(s, np.float32)
         for k, s in their_state_dict_shapes(**_flag_kwargs(flags)).items()
     }
     edit(sd)
     with pytest.raises(ValueError) as error:
-        idc.convert_state_dict(sd, flags)
+        id_weights.convert_state_dict(sd, flags)
     assert named in str(error.value) and "\n" not in str(error.value)
 
 
 def test_flags_of_another_checkpoint_are_refused():
     sd = {k: np.zeros(s, np.float32) for k, s in their_state_dict_shapes(32, 32, 1).items()}
     with pytest.raises(ValueError, match="check --flags"):
-        idc.convert_state_dict(sd, idc.parse_flags(SMALL + " --learn_sigma True"))
+        id_weights.convert_state_dict(sd, id_flags.parse_flags(SMALL + " --learn_sigma True"))
 
 
 # ---------------------------------------------------------------------------- numerical check
@@ -474,9 +475,9 @@ NUMERIC_FLAGS = [
 
 @pytest.mark.parametrize("text", NUMERIC_FLAGS, ids=["film-heads2-cond", "additive-heads1"])
 def test_converted_unet_matches_float64_reference(text):
-    flags = idc.parse_flags(text)
+    flags = id_flags.parse_flags(text)
     sd = random_state_dict(their_state_dict_shapes(**_flag_kwargs(flags)), seed=1)
-    params = idc.convert_state_dict(sd, flags)
+    params = id_weights.convert_state_dict(sd, flags)
     if flags.class_cond:  # their 1000 rows, then our null label: zeros (never trained)
         table = params["label_embed"]["embedding"]
         np.testing.assert_array_equal(table[:1000], np.float32(sd["label_emb.weight"]))
@@ -510,7 +511,7 @@ CLI_FLAGS = (
 
 
 def test_cli_converts_a_torch_checkpoint_that_sample_py_samples(tmp_path, capsys):
-    flags = idc.parse_flags(CLI_FLAGS)
+    flags = id_flags.parse_flags(CLI_FLAGS)
     sd = random_state_dict(their_state_dict_shapes(**_flag_kwargs(flags)), seed=3)
     src = tmp_path / "model.pt"
     torch.save({k: torch.from_numpy(v).float() for k, v in sd.items()}, src)

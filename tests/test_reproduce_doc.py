@@ -12,7 +12,7 @@ import shlex
 import pytest
 
 from diffusion_jax.convert import __main__ as convert_cli
-from diffusion_jax.convert import from_improved_diffusion
+from diffusion_jax.convert import improved_diffusion_flags
 from diffusion_jax.evaluation import __main__ as evaluation_cli
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -95,7 +95,7 @@ def test_doc_command_parses(index):
         elif module == "diffusion_jax.convert":
             args = convert_parser().parse_args(argv)
             if args.command == "improved-diffusion":
-                from_improved_diffusion.parse_flags(args.flags)  # refuses unknown flags
+                improved_diffusion_flags.parse_flags(args.flags)  # refuses unknown flags
         elif module == "diffusion_jax.data":
             data_parser_accepts(argv)
         else:
