@@ -8,6 +8,8 @@ seed gives the same samples whatever the batch size or device count.
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -48,6 +50,82 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 
 def _clip_option(config: ml_collections.ConfigDict, is_image: bool) -> Any:
     return bool(config.diffusion.clip_x0) and is_image
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _DrawSettings:
+    """What a compiled batch of samples depends on besides (params, labels, first index)."""
+
+    model_fn: Any
+    schedule: Any
+    seed: int
+    shape: tuple[int, ...]
+    mesh: jax.sharding.Mesh
+    method: str
+    num_steps: int
+    timestep_spacing: str
+    edm: Any
+    eta: float
+    parameterization: str
+    variance: str
+    clip_x0: bool
+    guidance_scale: float | None
+    null_label: int | None
+
+    def key(self) -> tuple:
+        # model_fn and schedule by identity (the trainer passes the same objects to every
+        # grid; a schedule's arrays are not hashable), the rest by value.
+        fields = [getattr(self, f.name) for f in dataclasses.fields(self)]
+        return (id(self.model_fn), id(self.schedule), *fields[2:])
+
+
+# The jitted sampler of recent settings, so that the trainer's periodic grids (and repeated
+# calls from research code) trace and lower it once, not once per grid. Each entry holds its
+# settings, so the objects whose ids make its key stay alive while it is cached.
+_DRAW_CACHE: collections.OrderedDict[tuple, tuple[_DrawSettings, Any]] = collections.OrderedDict()
+_DRAW_CACHE_SIZE = 4
+
+
+def _draw_fn(settings: _DrawSettings):
+    """The jitted ``draw(params, batch_labels, first_index)`` of ``settings``, built once."""
+    key = settings.key()
+    if key in _DRAW_CACHE:
+        _DRAW_CACHE.move_to_end(key)
+        return _DRAW_CACHE[key][1]
+    s = settings
+    rng = jax.random.key(s.seed)
+
+    @_runtime.jit(out_shardings=sharding.data_sharding(s.mesh))
+    def draw(params, batch_labels, first_index):
+        kwargs, uncond = None, None
+        if batch_labels is not None:
+            kwargs = {"y": batch_labels}
+            if s.guidance_scale is not None:
+                uncond = {"y": jnp.full_like(batch_labels, s.null_label)}
+        return samplers.sample(
+            s.model_fn,
+            params,
+            s.schedule,
+            rng,
+            s.shape,
+            method=s.method,
+            num_steps=s.num_steps,
+            timestep_spacing=s.timestep_spacing,
+            edm=s.edm,
+            eta=s.eta,
+            parameterization=s.parameterization,
+            variance=s.variance,
+            clip_x0=s.clip_x0,
+            model_kwargs=kwargs,
+            guidance_scale=s.guidance_scale if batch_labels is not None else None,
+            uncond_kwargs=uncond,
+            first_index=first_index,
+        )
+
+    _DRAW_CACHE[key] = (settings, draw)
+    while len(_DRAW_CACHE) > _DRAW_CACHE_SIZE:
+        _DRAW_CACHE.popitem(last=False)
+    return draw
 
 
 def generate(
@@ -174,36 +252,25 @@ def generate_batches(
             f"got {batch_size}.",
         )
     d = config.diffusion
-    model_fn = make_model_fn(model, train=False)
-    key = jax.random.key(seed)
     out_sharding = sharding.data_sharding(mesh)
-
-    @_runtime.jit(out_shardings=out_sharding)
-    def draw(params, batch_labels, first_index):
-        kwargs, uncond = None, None
-        if batch_labels is not None:
-            kwargs = {"y": batch_labels}
-            if guidance_scale is not None:
-                uncond = {"y": jnp.full_like(batch_labels, null_label)}
-        return samplers.sample(
-            model_fn,
-            params,
-            schedule,
-            key,
-            (batch_size, *data_shape),
-            method=method,
-            num_steps=num_steps,
-            timestep_spacing=timestep_spacing,
-            edm=edm,
-            eta=eta,
-            parameterization=d.parameterization,
-            variance=d.variance,
-            clip_x0=_clip_option(config, is_image),
-            model_kwargs=kwargs,
-            guidance_scale=guidance_scale if batch_labels is not None else None,
-            uncond_kwargs=uncond,
-            first_index=first_index,
-        )
+    settings = _DrawSettings(
+        model_fn=make_model_fn(model, train=False),
+        schedule=schedule,
+        seed=seed,
+        shape=(batch_size, *tuple(data_shape)),
+        mesh=mesh,
+        method=method,
+        num_steps=num_steps,
+        timestep_spacing=timestep_spacing,
+        edm=edm,
+        eta=eta,
+        parameterization=d.parameterization,
+        variance=d.variance,
+        clip_x0=_clip_option(config, is_image),
+        guidance_scale=guidance_scale,
+        null_label=null_label,
+    )
+    draw = _draw_fn(settings)
 
     def batches() -> Iterator[tuple[int, np.ndarray]]:
         starts = range(0, num, batch_size)
