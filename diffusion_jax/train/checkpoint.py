@@ -19,8 +19,9 @@ that it renames into place when complete, so a killed save leaves no visible ste
 **Corruption.** Orbax reports missing or truncated array files, but a flipped bit inside
 compressed array data restores silently to wrong values. So each save records, per leaf, the
 dtype and a 32-bit digest ``sum_i bits_i * w_i mod 2**32`` (``bits`` the leaf's raw bits as
-uint32, ``w_i`` an odd weight of the flat index, so any single-bit change alters it), computed on
-the device, in integer arithmetic that gives the same result under any sharding. A restore
+uint32, ``w_i`` an odd weight of the flat index, so any single-bit change alters it), in integer
+arithmetic that gives the same result under any sharding (on the host for the leaves this
+process holds whole, on their devices for the others). A restore
 recomputes the digests and treats a mismatch like an unreadable file: with ``step=None`` it warns,
 names the step and falls back to the previous one. The two JSON items are checked the same way
 against their SHA-256 (an edited data position would otherwise resume silently from other data);

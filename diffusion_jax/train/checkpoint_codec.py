@@ -1,10 +1,11 @@
 """What a checkpoint stores beside orbax's arrays: a checksum per leaf, and JSON-safe values.
 
 Orbax alone restores a bit-flipped array silently, so each save records a 32-bit digest per
-leaf (computed on the device with exact integer arithmetic, the same under any sharding) and
-each restore checks it. The data iterator's state and the config are stored as JSON, with bytes
-and tuples encoded so that they come back as they went in, beside the SHA-256 of their canonical
-JSON text, so that an edited or damaged item is refused like a damaged array.
+leaf (exact integer arithmetic, so the same under any sharding: hashed with NumPy on the host
+for the leaves this process holds whole, on the devices otherwise) and each restore checks it.
+The data iterator's state and the config are stored as JSON, with bytes and tuples encoded so
+that they come back as they went in, beside the SHA-256 of their canonical JSON text, so that an
+edited or damaged item is refused like a damaged array.
 :mod:`diffusion_jax.train.checkpoint` (the only module that talks to orbax) uses both.
 """
 
