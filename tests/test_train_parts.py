@@ -118,7 +118,9 @@ def test_stop_flag_second_ctrl_c_interrupts():
 
 
 def test_changed_config_error_names_the_argument():
-    saved = config_lib.config_to_dict(config_lib.default_config())
+    before = config_lib.default_config()
+    before.optim.lr = 1e-3
+    saved = config_lib.config_to_dict(before)
     now = config_lib.default_config()
     now.optim.lr = 5e-3
     now.train.num_steps = 7  # a run field: may change
