@@ -78,7 +78,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.optim = optim = ml_collections.ConfigDict()
     optim.optimizer = "adam"  # adam | adamw
-    optim.lr = 1e-3  # peak learning rate
+    optim.lr = 2e-3  # peak learning rate (the best of the digits study, benchmarks/README.md)
     optim.weight_decay = 0.0  # decoupled weight decay (adamw)
     optim.b1 = 0.9  # Adam beta1
     optim.b2 = 0.999  # Adam beta2
