@@ -75,8 +75,11 @@ class _DrawSettings:
     def key(self) -> tuple:
         # model_fn and schedule by identity (the trainer passes the same objects to every
         # grid; a schedule's arrays are not hashable), the rest by value.
-        fields = [getattr(self, f.name) for f in dataclasses.fields(self)]
-        return (id(self.model_fn), id(self.schedule), *fields[2:])
+        by_identity = ("model_fn", "schedule")
+        by_value = (
+            getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in by_identity
+        )
+        return (id(self.model_fn), id(self.schedule), *by_value)
 
 
 # The jitted sampler of recent settings, so that the trainer's periodic grids (and repeated
