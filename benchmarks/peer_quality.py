@@ -208,6 +208,7 @@ def main(argv: list[str] | None = None) -> None:
             "seed": seed,
             "minutes": args.minutes,
             "schedule_steps": horizon,
+            **qpm.recipe_settings(config),
             **trained,
             "sampler": f"{SAMPLER[0]}:{SAMPLER[1]}",
             "sample_s": round(time.perf_counter() - start, 1),

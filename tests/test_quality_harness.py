@@ -94,7 +94,12 @@ def test_aggregation_gives_mean_and_seed_range_per_group():
 
 
 def test_table_prints_each_group_and_the_ceiling(monkeypatch):
-    ceiling = {"recognisable": 0.86, "classes": 10, "frechet_pca": (0.05, 0.01)}
+    ceiling = {
+        "recognisable": 0.86,
+        "classes": 10,
+        "frechet_pca": (0.05, 0.01),
+        "frechet_pca_1500": None,
+    }
     monkeypatch.setattr(qpm, "ceiling", lambda num, seeds: ceiling)
     rows = [
         _row("a", 0, steps=100, recognisable=0.5, frechet_pca=1.0, classes=10, load_before=1.0),
@@ -102,10 +107,30 @@ def test_table_prints_each_group_and_the_ceiling(monkeypatch):
     ]
     lines = qpm.table(rows).splitlines()[2:]  # after the legend
     assert len(lines) == 4
-    assert lines[2].startswith("| a | ddim:50 | 5 | 2 | 105 (10) |")
-    assert "| 0.60 (0.20) |" in lines[2] and "| 1.300 (0.600) |" in lines[2]
+    assert lines[2].startswith("| a | ddim:50 | 500 | 5 | 2 | 105 (10) |")
+    assert "| 0.60 (0.20) |" in lines[2] and "| 1.300 (0.600) | - |" in lines[2]
     assert lines[2].endswith("| 2.5 |")  # the highest load of the group
     assert "real digits" in lines[3] and "| 0.86 |" in lines[3] and "0.050 (0.010)" in lines[3]
+
+
+def test_large_samples_are_also_scored_on_their_first_1500_against_all_real_digits():
+    """Above 1,500 samples the Frechet distance is also taken on the first 1,500, the size at
+    which the real digits' floor (all train digits) exists; the ceiling then gives only that."""
+    from diffusion_jax.data import digits
+    from diffusion_jax.evaluation import digits_check
+
+    images, _ = digits.load_digits_uint8()
+    train = images[digits.split_indices()["train"]]
+    samples = np.concatenate([train, train[::-1][:100]])  # 1,600: the first 1,500 are real
+    scores = qpm.score(samples)
+    assert scores["num_samples"] == 1600
+    assert scores["frechet_pca_1500"] == pytest.approx(digits_check.digits_frechet_floor(1500))
+    assert scores["frechet_pca"] != pytest.approx(scores["frechet_pca_1500"])
+    assert "frechet_pca_1500" not in qpm.score(train[:1500])
+    top = qpm.ceiling(3000, [0, 1])
+    assert top["frechet_pca"] is None
+    assert top["frechet_pca_1500"] == pytest.approx((scores["frechet_pca_1500"], 0.0))
+    assert qpm.ceiling(500, [0])["frechet_pca_1500"] is None
 
 
 def test_peer_has_our_parameter_count_trains_and_samples_uint8_digits():
