@@ -1,7 +1,9 @@
 """The PyTorch peer of ``benchmarks/quality_per_minute.py``: diffusers on the same digits, the
 same wall time and the same scores.
 
-What a diffusers user would write for the default digits recipe (``configs/digits.py``):
+What a diffusers user would write for the default digits recipe (``configs/digits.py``), or
+for another recipe of the harness with ``--recipe`` when its levers are ones the peer follows
+(:data:`FOLLOWS`: the architecture, learning rate, warm-up, EMA decay and batch size):
   * ``UNet2DModel`` with the same architecture and parameter count as our default U-Net
     (:func:`benchmarks.compare_torch.diffusers_unet`; both counts go into each row);
   * ``DDPMScheduler`` with the same schedule (cosine = ``squaredcos_cap_v2``, T = 1000,
@@ -26,6 +28,7 @@ Frechet distance). Rows, recipe ``diffusers-peer``, are appended to the same JSO
 
 Run from the repository root (torch and diffusers come from the ``compare`` extra):
   .venv/bin/python benchmarks/peer_quality.py --seeds 0 1 --minutes 5
+  .venv/bin/python benchmarks/peer_quality.py --recipe ch_16 --seeds 0 1 --num_samples 3000
 """
 
 from __future__ import annotations
@@ -47,9 +50,8 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
 
-from benchmarks import common, compare_torch
+from benchmarks import common, compare_torch, quality_recipes
 from benchmarks import quality_per_minute as qpm
-from configs import digits as digits_config
 from diffusion_jax.data import digits
 from diffusion_jax.train import config as config_lib
 from diffusion_jax.train import sharding
@@ -57,8 +59,28 @@ from diffusion_jax.train.generate import to_uint8
 from diffusion_jax.train.step import create_train_state
 
 RECIPE = "diffusers-peer"
+# The levers of quality_per_minute.RECIPES the peer follows (the rest, e.g. v prediction,
+# min-SNR weighting or EDM, it does not implement: such recipes are refused).
+FOLLOWS = ("model.", "optim.lr", "optim.warmup_steps", "optim.ema_decay", "data.batch_size")
 SHAPE = (8, 8, 1)
 SAMPLER = ("ddim", 50)
+
+
+def peer_config(recipe: str):
+    """The config of ``quality_per_minute`` recipe ``recipe`` for the peer, and its row label
+    (``diffusers-peer`` for the default, ``diffusers-peer_<recipe>`` otherwise).
+
+    Raises:
+      ValueError: an unknown recipe, or one with a lever the peer does not follow.
+    """
+    config = qpm.recipe_config(recipe)
+    foreign = [key for key in quality_recipes.RECIPES[recipe][1] if not key.startswith(FOLLOWS)]
+    if foreign:
+        raise ValueError(
+            f"recipe {recipe!r} changes {foreign}, which the peer does not implement; it "
+            f"follows only {', '.join(FOLLOWS)}."
+        )
+    return config, RECIPE if recipe == "default" else f"{RECIPE}_{recipe}"
 
 
 def our_param_count(config) -> int:
@@ -171,6 +193,9 @@ def sample_peer(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--recipe", default="default", help="a quality_per_minute recipe (its levers in FOLLOWS)"
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--minutes", type=float, default=5.0)
     parser.add_argument("--num_samples", type=int, default=500)
@@ -181,8 +206,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.minutes <= 0 or args.num_samples < 2:
         parser.error("--minutes must be > 0 and --num_samples >= 2.")
+    try:
+        config, label = peer_config(args.recipe)
+    except ValueError as error:
+        parser.error(str(error))
     torch.set_num_threads(args.threads)
-    config = digits_config.get_config()
     ours = our_param_count(config)
     theirs = sum(p.numel() for p in compare_torch.diffusers_unet(config, SHAPE).parameters())
     print(f"parameters: ours {ours:,}, diffusers {theirs:,}; load {os.getloadavg()}", flush=True)
@@ -204,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
         start = time.perf_counter()
         images = sample_peer(config, model, ema, args.num_samples, seed)
         row = {
-            "recipe": RECIPE,
+            "recipe": label,
             "seed": seed,
             "minutes": args.minutes,
             "schedule_steps": horizon,

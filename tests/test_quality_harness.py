@@ -15,21 +15,24 @@ import pytest
 import trainer_helpers as h
 
 from benchmarks import quality_per_minute as qpm
+from benchmarks import quality_recipes
 from diffusion_jax import train
 from diffusion_jax.train import config as config_lib
 from diffusion_jax.train import loop
 
 
-@pytest.mark.parametrize("name", sorted(qpm.RECIPES))
+@pytest.mark.parametrize("name", sorted(quality_recipes.RECIPES))
 def test_every_recipe_is_a_valid_config_with_its_overrides(name):
     config = qpm.recipe_config(name, seed=1, num_steps=1234, max_seconds=300)
-    _, overrides, samplers = qpm.RECIPES[name]
+    _, overrides, samplers = quality_recipes.RECIPES[name]
     for dotted, value in overrides.items():
         section, field = dotted.split(".")
         assert config[section][field] == value, dotted
     assert (config.seed, config.train.num_steps, config.train.max_seconds) == (1, 1234, 300.0)
     assert config.train.num_samples == 0 and config.train.eval_every == 0
-    assert qpm.DEMO_SAMPLER in samplers  # every recipe is scored with the demo's sampler
+    assert (
+        quality_recipes.DEMO_SAMPLER in samplers
+    )  # every recipe is scored with the demo's sampler
 
 
 def test_unknown_recipe_and_unknown_field_are_refused():
@@ -158,3 +161,27 @@ def test_peer_has_our_parameter_count_trains_and_samples_uint8_digits():
         torch.set_num_threads(threads)
     assert stats["steps"] == 3 and not stats["budget_spent"] and stats["steps_per_s"] is None
     assert images.dtype == np.uint8 and images.shape == (3, 8, 8, 1)
+
+
+def test_peer_follows_a_recipe_of_its_levers_and_refuses_the_others():
+    pytest.importorskip("torch")
+    from benchmarks import peer_quality
+
+    config, label = peer_quality.peer_config("ch_16")
+    assert (label, config.model.ch) == ("diffusers-peer_ch_16", 16)
+    assert peer_quality.peer_config("default")[1] == "diffusers-peer"
+    with pytest.raises(ValueError, match=r"'v_min_snr_5' changes \['diffusion"):
+        peer_quality.peer_config("v_min_snr_5")
+
+
+def test_score_noise_scores_each_disjoint_set_and_drops_the_remainder():
+    from benchmarks import score_noise
+    from diffusion_jax.data import digits
+
+    images, _ = digits.load_digits_uint8()
+    train = images[digits.split_indices()["train"]][:1100]
+    scores = score_noise.chunk_scores(train, 500)  # two sets; the last 100 left out
+    assert len(scores["frechet_pca"]) == len(scores["recognisable"]) == 2
+    second = qpm.score(train[500:1000])
+    assert scores["frechet_pca"][1] == pytest.approx(second["frechet_pca"])
+    assert scores["recognisable"][1] == pytest.approx(second["recognisable"])
