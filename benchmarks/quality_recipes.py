@@ -59,6 +59,7 @@ RECIPES: dict[str, tuple[str, dict[str, Any], tuple[tuple[str, int], ...]]] = {
         (DEMO_SAMPLER,),
     ),
     "ch_16": ("base width 16", {"model.ch": 16}, (DEMO_SAMPLER,)),
+    "ch_24": ("base width 24", {"model.ch": 24}, (DEMO_SAMPLER,)),
     "ch_64": ("base width 64", {"model.ch": 64}, (DEMO_SAMPLER,)),
     "blocks_2": ("2 ResNet blocks per level", {"model.num_res_blocks": 2}, (DEMO_SAMPLER,)),
     "no_dropout": ("no dropout", {"model.dropout": 0.0}, (DEMO_SAMPLER,)),
