@@ -15,7 +15,7 @@ import pytest
 import trainer_helpers as h
 
 from benchmarks import quality_per_minute as qpm
-from benchmarks import quality_recipes
+from benchmarks import quality_recipes, quality_table
 from diffusion_jax import train
 from diffusion_jax.train import config as config_lib
 from diffusion_jax.train import loop
@@ -85,7 +85,7 @@ def test_aggregation_gives_mean_and_seed_range_per_group():
         _row("a", 2, steps=90, recognisable=0.6, frechet_pca=1.3, classes=8),
         {**_row("a", 0, steps=10, recognisable=0.1, frechet_pca=9.0), "minutes": 0.5},
     ]
-    a, b, a_short = qpm.aggregate(rows)
+    a, b, a_short = quality_table.aggregate(rows)
     assert (a["recipe"], a["minutes"], a["seeds"]) == ("a", 5, [0, 1, 2])
     assert a["steps"] == pytest.approx((100.0, 20.0))
     assert a["recognisable"] == pytest.approx((0.6, 0.2))
@@ -103,12 +103,12 @@ def test_table_prints_each_group_and_the_ceiling(monkeypatch):
         "frechet_pca": (0.05, 0.01),
         "frechet_pca_1500": None,
     }
-    monkeypatch.setattr(qpm, "ceiling", lambda num, seeds: ceiling)
+    monkeypatch.setattr(quality_table, "ceiling", lambda num, seeds: ceiling)
     rows = [
         _row("a", 0, steps=100, recognisable=0.5, frechet_pca=1.0, classes=10, load_before=1.0),
         _row("a", 1, steps=110, recognisable=0.7, frechet_pca=1.6, classes=10, load_before=2.5),
     ]
-    lines = qpm.table(rows).splitlines()[2:]  # after the legend
+    lines = quality_table.table(rows).splitlines()[2:]  # after the legend
     assert len(lines) == 4
     assert lines[2].startswith("| a | ddim:50 | 500 | 5 | 2 | 105 (10) |")
     assert "| 0.60 (0.20) |" in lines[2] and "| 1.300 (0.600) | - |" in lines[2]
@@ -130,10 +130,10 @@ def test_large_samples_are_also_scored_on_their_first_1500_against_all_real_digi
     assert scores["frechet_pca_1500"] == pytest.approx(digits_check.digits_frechet_floor(1500))
     assert scores["frechet_pca"] != pytest.approx(scores["frechet_pca_1500"])
     assert "frechet_pca_1500" not in qpm.score(train[:1500])
-    top = qpm.ceiling(3000, [0, 1])
+    top = quality_table.ceiling(3000, [0, 1])
     assert top["frechet_pca"] is None
     assert top["frechet_pca_1500"] == pytest.approx((scores["frechet_pca_1500"], 0.0))
-    assert qpm.ceiling(500, [0])["frechet_pca_1500"] is None
+    assert quality_table.ceiling(500, [0])["frechet_pca_1500"] is None
 
 
 def test_peer_has_our_parameter_count_trains_and_samples_uint8_digits():
